@@ -1531,7 +1531,9 @@ func testClaimOutbox(t *testing.T, e *env) {
 		must(t, err, "set run status")
 		ms = append(ms, m)
 	}
-	msgIDs := func(ms []*branchkey.Message) []string { return ids(ms, func(m *branchkey.Message) string { return m.ID }) }
+	msgIDs := func(ms []*branchkey.Message) []string {
+		return ids(ms, func(m *branchkey.Message) string { return m.ID })
+	}
 
 	a, err := e.s.ClaimOutbox(e.ctx, "a", t0, t0.Add(time.Minute), 2)
 	must(t, err, "claim for a")
