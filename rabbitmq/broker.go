@@ -20,8 +20,8 @@ import (
 	"github.com/branchkey/branchkey"
 )
 
-// Defaults of a Broker.
 const (
+	// DefaultRequestTimeout bounds one management API request of a Broker.
 	DefaultRequestTimeout = 15 * time.Second
 	// DefaultRequestAttempts is how many times an idempotent management API
 	// call is tried when the API cannot be reached or answers 5xx.
@@ -158,9 +158,10 @@ func (b *Broker) PrepareLeaf(ctx context.Context, treeID, branchID, leafID strin
 	})
 }
 
-// ensureVhost creates the tree's virtual host and lets the server's AMQP
-// user do anything in it. Concurrent calls for one tree share one round of
-// requests, which matters when a whole tree's leaves log in at once.
+// ensureVhost creates the tree's virtual host, makes sure it runs, and
+// lets the server's AMQP user and the management user do anything in it.
+// Concurrent calls for one tree share one round of requests, which matters
+// when a whole tree's leaves log in at once.
 func (b *Broker) ensureVhost(ctx context.Context, treeID string) error {
 	return b.flights.do(ctx, "vhost\x00"+treeID, func(ctx context.Context) error {
 		if err := b.do(ctx, request{
@@ -171,13 +172,80 @@ func (b *Broker) ensureVhost(ctx context.Context, treeID string) error {
 		}); err != nil {
 			return err
 		}
-		return b.do(ctx, request{
-			method: http.MethodPut,
-			path:   []string{"permissions", treeID, b.amqpUser},
-			body:   map[string]string{"configure": ".*", "write": ".*", "read": ".*"},
-			what:   fmt.Sprintf("grant server user %q full permissions on vhost %q", b.amqpUser, treeID),
-		})
+		if err := b.waitVhostRunning(ctx, treeID); err != nil {
+			return err
+		}
+		// RabbitMQ grants the management user that creates a vhost full
+		// permissions, but not when the creating request was cut short, and
+		// the management API needs them to declare anything in it.
+		users := []string{b.amqpUser}
+		if b.username != b.amqpUser {
+			users = append(users, b.username)
+		}
+		for _, u := range users {
+			if err := b.do(ctx, request{
+				method: http.MethodPut,
+				path:   []string{"permissions", treeID, u},
+				body:   map[string]string{"configure": ".*", "write": ".*", "read": ".*"},
+				what:   fmt.Sprintf("grant user %q full permissions on vhost %q", u, treeID),
+			}); err != nil {
+				return err
+			}
+		}
+		return nil
 	})
+}
+
+// waitVhostRunning waits until the vhost runs on every node, and starts it
+// where it stays stopped. PUT answers 204 for a vhost that another caller
+// (another replica, or one that gave up) is still creating, and declaring
+// anything in it then fails with vhost_supervisor_not_running; a vhost whose
+// creating request was cut short stays stopped until started.
+func (b *Broker) waitVhostRunning(ctx context.Context, treeID string) error {
+	ctx, cancel := context.WithTimeout(ctx, b.timeout)
+	defer cancel()
+	for polls, delay := 0, 20*time.Millisecond; ; polls, delay = polls+1, min(2*delay, time.Second) {
+		var v struct {
+			ClusterState map[string]string `json:"cluster_state"`
+		}
+		if err := b.do(ctx, request{
+			method: http.MethodGet,
+			path:   []string{"vhosts", treeID},
+			what:   fmt.Sprintf("check vhost %q runs", treeID),
+			out:    &v,
+		}); err != nil {
+			return err
+		}
+		var stopped []string
+		for node, state := range v.ClusterState {
+			if state != "running" {
+				stopped = append(stopped, node)
+			}
+		}
+		if len(v.ClusterState) > 0 && len(stopped) == 0 {
+			return nil
+		}
+		// The first poll may just have caught a creation in progress.
+		if polls > 0 {
+			for _, node := range stopped {
+				b.logger.Warn("starting a stopped vhost", "vhost", treeID, "node", node, "state", v.ClusterState[node])
+				if err := b.do(ctx, request{
+					method: http.MethodPost,
+					path:   []string{"vhosts", treeID, "start", node},
+					what:   fmt.Sprintf("start vhost %q on node %q", treeID, node),
+				}); err != nil {
+					return err
+				}
+			}
+		}
+		t := time.NewTimer(delay)
+		select {
+		case <-ctx.Done():
+			t.Stop()
+			return unavailable(ctx.Err(), "rabbitmq: vhost %q is not running on every node: %v", treeID, v.ClusterState)
+		case <-t.C:
+		}
+	}
 }
 
 // ensureExchange declares the branch's durable fanout exchange, sharing
@@ -405,7 +473,9 @@ func (b *Broker) do(ctx context.Context, r request) error {
 		var failed error
 		switch {
 		case err != nil && ctx.Err() != nil:
-			return fmt.Errorf("rabbitmq: %s (%s): %w", r.what, call, ctx.Err())
+			// The caller's deadline passed or it gave up: to it, the broker
+			// is not there in time.
+			return unavailable(ctx.Err(), "rabbitmq: %s (%s)", r.what, call)
 		case err != nil:
 			failed = unavailable(err, "rabbitmq: %s (%s): management API unreachable", r.what, call)
 		case status >= 500:
@@ -434,7 +504,7 @@ func (b *Broker) do(ctx context.Context, r request) error {
 		select {
 		case <-ctx.Done():
 			t.Stop()
-			return fmt.Errorf("rabbitmq: %s (%s): %w (after: %w)", r.what, call, ctx.Err(), failed)
+			return fmt.Errorf("%w (then: %w)", failed, ctx.Err())
 		case <-t.C:
 		}
 		delay *= 2
@@ -457,7 +527,10 @@ func (b *Broker) send(ctx context.Context, r request, target string, payload []b
 		req.Header[k] = v
 	}
 	req.SetBasicAuth(b.username, b.password)
-	req.Header.Set("Accept", "application/json")
+	if r.out != nil {
+		// Only then: POST /api/vhosts/{vhost}/start/{node} answers 406 to it.
+		req.Header.Set("Accept", "application/json")
+	}
 	if payload != nil {
 		req.Header.Set("Content-Type", "application/json")
 	}
@@ -558,7 +631,7 @@ func (g *flightGroup) do(ctx context.Context, key string, fn func(context.Contex
 				}
 				return f.err
 			case <-ctx.Done():
-				return ctx.Err()
+				return unavailable(ctx.Err(), "rabbitmq: waiting for a concurrent call")
 			}
 		}
 		if g.m == nil {

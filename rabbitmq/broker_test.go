@@ -2,6 +2,7 @@ package rabbitmq_test
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"net/http"
 	"regexp"
@@ -515,17 +516,40 @@ func TestBroker_PrepareLeaf_Concurrent(t *testing.T) {
 	mustDialLeaf(t, l)
 }
 
-// TestBroker_PrepareLeaf_Cancelled checks a cancelled caller fails without
-// failing the others.
+// TestBroker_PrepareLeaf_Cancelled races callers that give up with callers
+// that do not, on one new tree: the first fail with EUNAVAILABLE wrapping
+// their context's error, the others succeed.
 func TestBroker_PrepareLeaf_Cancelled(t *testing.T) {
 	b := MustBroker(t)
-	tree := MustTree(t, b, nil)
-	ctx, cancel := context.WithCancel(context.Background())
-	cancel()
-	if err := b.PrepareLeaf(ctx, tree, "b", "l"); err == nil {
-		t.Fatal("a cancelled PrepareLeaf succeeded")
+	var ids []string
+	tree := MustTree(t, b, &ids)
+	branch := uniqueName("branch")
+	for i := range 20 {
+		ids = append(ids, fmt.Sprintf("%s-%d", uniqueName("leaf"), i))
 	}
-	MustLeaf(t, b, tree, uniqueName("branch"))
+	var wg sync.WaitGroup
+	for i, id := range ids {
+		wg.Go(func() {
+			ctx := context.Background()
+			if i%2 == 0 {
+				var cancel context.CancelFunc
+				ctx, cancel = context.WithCancel(ctx)
+				if i%4 == 0 {
+					cancel()
+				} else {
+					time.AfterFunc(time.Duration(i)*time.Millisecond, cancel)
+				}
+			}
+			err := b.PrepareLeaf(ctx, tree, branch, id)
+			switch {
+			case i%2 == 1 && err != nil:
+				t.Errorf("leaf %d, not cancelled: %v", i, err)
+			case err != nil && (branchkey.ErrorCode(err) != branchkey.EUNAVAILABLE || !errors.Is(err, context.Canceled)):
+				t.Errorf("leaf %d, cancelled: %v, want EUNAVAILABLE wrapping context.Canceled", i, err)
+			}
+		})
+	}
+	wg.Wait()
 }
 
 var _ branchkey.Broker = (*rabbitmq.Broker)(nil)

@@ -16,11 +16,13 @@ import (
 	amqp "github.com/rabbitmq/amqp091-go"
 )
 
-// Defaults of a Notifier.
 const (
+	// DefaultDialTimeout bounds opening one connection of a Notifier.
 	DefaultDialTimeout = 5 * time.Second
-	DefaultMinBackoff  = 100 * time.Millisecond
-	DefaultMaxBackoff  = 5 * time.Second
+	// DefaultMinBackoff is a Notifier's wait after a first failed dial.
+	DefaultMinBackoff = 100 * time.Millisecond
+	// DefaultMaxBackoff caps a Notifier's wait between failed dials.
+	DefaultMaxBackoff = 5 * time.Second
 	// closeTimeout bounds closing one connection in Close.
 	closeTimeout = 5 * time.Second
 )
