@@ -20,6 +20,8 @@ Start with "branchkey demo". Run "branchkey serve" for the server.`,
 	}
 	root.AddCommand(
 		newInspectCmd(),
+		newServeCmd(),
+		newAdminCmd(),
 	)
 	return root
 }
