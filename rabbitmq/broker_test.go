@@ -494,26 +494,46 @@ func TestBroker_Delete(t *testing.T) {
 	})
 }
 
-// TestBroker_PrepareLeaf_Concurrent races provisioning of one leaf with
-// itself.
-func TestBroker_PrepareLeaf_Concurrent(t *testing.T) {
-	b := MustBroker(t)
-	tree := MustTree(t, b, nil)
-	l := leaf{tree: tree, branch: uniqueName("branch"), id: uniqueName("leaf"), token: uniqueName("token")}
-	t.Cleanup(func() { _ = b.DeleteLeaf(context.Background(), l.tree, l.branch, l.id) })
-	var wg sync.WaitGroup
+// TestBroker_PrepareLeaf_Replicas has four Brokers, as four server
+// replicas would, provision leaves of one new tree and branch at once.
+func TestBroker_PrepareLeaf_Replicas(t *testing.T) {
+	amqpURL, _ := testURLs(t)
+	var ids []string
+	tree := MustTree(t, MustBroker(t), &ids)
+	branch := uniqueName("branch")
+	var leaves []leaf
 	for range 20 {
+		l := leaf{tree: tree, branch: branch, id: uniqueName("leaf"), token: uniqueName("token")}
+		leaves = append(leaves, l)
+		ids = append(ids, l.id)
+	}
+	replicas := []*rabbitmq.Broker{MustBroker(t), MustBroker(t), MustBroker(t), MustBroker(t)}
+	var wg sync.WaitGroup
+	for i, l := range leaves {
 		wg.Go(func() {
-			if err := b.PrepareLeaf(context.Background(), l.tree, l.branch, l.id); err != nil {
-				t.Error(err)
+			b := replicas[i%len(replicas)]
+			for range 2 { // and again, idempotently
+				if err := b.PrepareLeaf(context.Background(), l.tree, l.branch, l.id); err != nil {
+					t.Errorf("leaf %d: %v", i, err)
+					return
+				}
+			}
+			if err := b.GrantLeaf(context.Background(), l.tree, l.id, l.token); err != nil {
+				t.Errorf("leaf %d: %v", i, err)
 			}
 		})
 	}
 	wg.Wait()
-	if err := b.GrantLeaf(context.Background(), l.tree, l.id, l.token); err != nil {
-		t.Fatal(err)
+	if t.Failed() {
+		t.FailNow()
 	}
-	mustDialLeaf(t, l)
+	m := newMessage(leaves[0], branchkey.MessageRunStatus, `{"run_status":"start"}`)
+	mustPublish(t, MustNotifier(t), m)
+	for _, l := range leaves {
+		if err := getOne(amqpURL, l, m.ID); err != nil {
+			t.Errorf("leaf %s: %v", l.id, err)
+		}
+	}
 }
 
 // TestBroker_PrepareLeaf_Cancelled races callers that give up with callers
