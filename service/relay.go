@@ -3,6 +3,8 @@ package service
 import (
 	"context"
 	"time"
+
+	"github.com/branchkey/branchkey"
 )
 
 // relayBatch is how many outbox messages one pass leases at a time.
@@ -39,6 +41,13 @@ func (s *Service) relayOnce(ctx context.Context) bool {
 		for _, m := range msgs {
 			for _, n := range s.notifiers {
 				if err := n.Publish(ctx, m); err != nil {
+					if isCode(err, branchkey.ENOTFOUND) {
+						// The branch has no exchange: no leaf was ever
+						// provisioned, so nobody can receive it there
+						// (SSE still has it).
+						s.log.Debug("no broker exchange for the message's branch", "message", m.ID, "branch", m.BranchID)
+						continue
+					}
 					if ctx.Err() == nil {
 						s.log.Warn("publish message; it stays in the outbox", "message", m.ID, "type", m.Type, "branch", m.BranchID, "err", err)
 					}
