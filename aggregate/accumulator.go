@@ -189,7 +189,8 @@ func (a *Accumulator) WriteAggregate(ctx context.Context, out io.Writer) (*Resul
 		w.segs = e.l.segments(w.segs, start, n)
 		v := grow(&w.acc, n)
 		copy(v, a.acc[start:start+int64(n)])
-		return e.finish(w, start, n, v)
+		_, err := e.finish(w, start, n, v)
+		return err
 	}, o.emit)
 	if err == nil {
 		err = o.close()

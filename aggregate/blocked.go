@@ -142,7 +142,11 @@ func (e *engine) average(ctx context.Context, srcs []*source, o *output) error {
 		if err := e.fold(w, srcs, start, n); err != nil {
 			return err
 		}
-		return e.finish(w, start, n, w.acc)
+		finite, err := e.finish(w, start, n, w.acc)
+		if err == nil && !finite && !e.cfg.AllowNonFinite {
+			err = e.findNonFinite(w, srcs)
+		}
+		return err
 	}, o.emit)
 }
 
@@ -204,7 +208,8 @@ func (e *engine) robust(ctx context.Context, srcs []*source, o *output) error {
 			}
 			res[j] = s / float64(nsrc-2*trim)
 		}
-		return e.finish(w, start, n, res)
+		_, err = e.finish(w, start, n, res)
+		return err
 	}, o.emit)
 }
 
