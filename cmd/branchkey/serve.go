@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"net/http/pprof"
 	"net/url"
 	"os"
 	"path/filepath"
@@ -45,6 +46,7 @@ type Config struct {
 	LogLevel         string
 	LogFormat        string
 	ShutdownTimeout  time.Duration
+	PprofAddr        string
 }
 
 // DefaultConfig returns the embedded defaults: SQLite and files under
@@ -79,6 +81,7 @@ func (c *Config) bindFlags(fs *pflag.FlagSet) {
 	fs.StringVar(&c.LogLevel, "log-level", c.LogLevel, "debug, info, warn or error")
 	fs.StringVar(&c.LogFormat, "log-format", c.LogFormat, "json or text")
 	fs.DurationVar(&c.ShutdownTimeout, "shutdown-timeout", c.ShutdownTimeout, "how long a graceful shutdown waits for requests in flight")
+	fs.StringVar(&c.PprofAddr, "pprof-addr", c.PprofAddr, "serve Go's /debug/pprof profiles on this separate address (off by default; keep it private)")
 }
 
 // Main is the server process: its configuration, the adapters it opened
@@ -96,11 +99,12 @@ type Main struct {
 	server   *http.Server
 	ln       net.Listener
 	cancel   context.CancelFunc
+	stopping chan struct{}
 	wg       sync.WaitGroup
 }
 
 // NewMain returns a Main with the default configuration.
-func NewMain() *Main { return &Main{Config: DefaultConfig()} }
+func NewMain() *Main { return &Main{Config: DefaultConfig(), stopping: make(chan struct{})} }
 
 // Addr returns the address the server listens on, once Run returned.
 func (m *Main) Addr() string { return m.ln.Addr().String() }
@@ -200,8 +204,37 @@ func (m *Main) Run(ctx context.Context) (err error) {
 			m.Log.Error("http server stopped", "err", err)
 		}
 	}()
+	if c.PprofAddr != "" {
+		if err := m.servePprof(c.PprofAddr); err != nil {
+			return err
+		}
+	}
 	m.Log.Info("branchkey serving", "version", branchkey.Version, "addr", m.Addr(), "data", c.Data,
 		"database", m.databaseName(), "blobs", m.blobsName(), "rabbitmq", c.AMQPURL != "", "admin_api", adminToken != "")
+	return nil
+}
+
+// servePprof serves the runtime profiles on their own listener, so they are
+// never reachable through the public address.
+func (m *Main) servePprof(addr string) error {
+	ln, err := net.Listen("tcp", addr)
+	if err != nil {
+		return fmt.Errorf("--pprof-addr: %w", err)
+	}
+	mux := http.NewServeMux()
+	mux.HandleFunc("/debug/pprof/", pprof.Index)
+	mux.HandleFunc("/debug/pprof/cmdline", pprof.Cmdline)
+	mux.HandleFunc("/debug/pprof/profile", pprof.Profile)
+	mux.HandleFunc("/debug/pprof/symbol", pprof.Symbol)
+	mux.HandleFunc("/debug/pprof/trace", pprof.Trace)
+	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
+	m.wg.Add(1)
+	go func() {
+		defer m.wg.Done()
+		<-m.stopping
+		srv.Close()
+	}()
+	go srv.Serve(ln)
 	return nil
 }
 
@@ -314,6 +347,11 @@ func (m *Main) Close() error {
 	}
 	if m.cancel != nil {
 		m.cancel()
+	}
+	select {
+	case <-m.stopping:
+	default:
+		close(m.stopping)
 	}
 	m.wg.Wait()
 	if m.notifier != nil {
