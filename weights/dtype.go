@@ -171,7 +171,22 @@ func (d DType) NonFinite(b []byte) int {
 	le, be := binary.LittleEndian, binary.BigEndian
 	switch {
 	case d.Kind == 'f' && d.Size == 4 && !d.BigEndian:
-		for i := 0; i+4 <= len(b); i += 4 {
+		// Two floats per 64-bit word: a lane is NaN or Inf when its
+		// exponent bits are all ones, that is when (x & e) ^ e has a zero
+		// lane, which the borrow of a subtraction finds for both at once.
+		const e = 0x7f8000007f800000
+		i := 0
+		for ; i+32 <= len(b); i += 32 {
+			y0 := le.Uint64(b[i:])&e ^ e
+			y1 := le.Uint64(b[i+8:])&e ^ e
+			y2 := le.Uint64(b[i+16:])&e ^ e
+			y3 := le.Uint64(b[i+24:])&e ^ e
+			const one, high = 0x0000000100000001, 0x8000000080000000
+			if ((y0-one)&^y0|(y1-one)&^y1|(y2-one)&^y2|(y3-one)&^y3)&high != 0 {
+				break // find which element below
+			}
+		}
+		for ; i+4 <= len(b); i += 4 {
 			if le.Uint32(b[i:])&0x7f800000 == 0x7f800000 {
 				return i / 4
 			}
