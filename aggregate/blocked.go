@@ -300,9 +300,16 @@ func (e *engine) krum(ctx context.Context, srcs []*source) ([]*source, error) {
 
 // clipWeights computes each update's L2 distance to the global model over
 // the float tensors and sets its float weight to the clipping factor
-// min(1, clip/norm); integer tensors keep num_samples weights.
+// min(1, clip/norm); integer tensors keep num_samples weights. The squares
+// are summed per run of blockAlign parameters and the runs in order, so the
+// norm, and the result, do not depend on block size, workers or path; that
+// keeps N x params / 4096 sums.
 func (e *engine) clipWeights(ctx context.Context, srcs []*source) error {
-	n := len(srcs)
+	nruns := int((e.l.params() + blockAlign - 1) / blockAlign)
+	runs := make([][]float64, len(srcs))
+	for i := range runs {
+		runs[i] = make([]float64, nruns)
+	}
 	err := e.run(ctx, e.o.block, func(w *worker, start int64, bn int) error {
 		w.segs = e.l.segments(w.segs, start, bn)
 		g := grow(&w.g, bn)
@@ -312,9 +319,6 @@ func (e *engine) clipWeights(ctx context.Context, srcs []*source) error {
 		if err := e.checkLoaded(w, e.global, g); err != nil {
 			return err
 		}
-		if w.sums == nil {
-			w.sums = make([]float64, n)
-		}
 		x := grow(&w.tmp, bn)
 		for i, s := range srcs {
 			if err := e.readInto(w, s, x, &w.buf, &w.views); err != nil {
@@ -323,18 +327,26 @@ func (e *engine) clipWeights(ctx context.Context, srcs []*source) error {
 			if err := e.checkLoaded(w, s, x); err != nil {
 				return err
 			}
-			ss := 0.0
+			// x becomes the squared differences, 0 off the float tensors.
 			for _, sg := range w.segs {
+				xs := x[sg.pos : sg.pos+sg.n]
 				if !e.l.float[sg.k] {
+					clear(xs)
 					continue
 				}
 				gs := g[sg.pos : sg.pos+sg.n]
-				for j, v := range x[sg.pos : sg.pos+sg.n] {
+				for j, v := range xs {
 					d := v - gs[j]
-					ss += d * d
+					xs[j] = d * d
 				}
 			}
-			w.sums[i] += ss
+			for c := 0; c < bn; c += blockAlign {
+				ss := 0.0
+				for _, v := range x[c:min(c+blockAlign, bn)] {
+					ss += v
+				}
+				runs[i][(start+int64(c))/blockAlign] = ss
+			}
 		}
 		return nil
 	}, nil)
@@ -344,10 +356,8 @@ func (e *engine) clipWeights(ctx context.Context, srcs []*source) error {
 	e.sumC = 0
 	for i, s := range srcs {
 		ss := 0.0
-		for _, w := range e.workers {
-			if w.sums != nil {
-				ss += w.sums[i]
-			}
+		for _, v := range runs[i] {
+			ss += v
 		}
 		s.wf, s.wi = clipFactor(math.Sqrt(ss), e.cfg.Clip), float64(s.u.NumSamples)
 		e.sumC += s.wf

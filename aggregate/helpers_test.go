@@ -3,6 +3,7 @@ package aggregate_test
 import (
 	"bytes"
 	"context"
+	"errors"
 	"math"
 	"os"
 	"path/filepath"
@@ -136,3 +137,7 @@ func AssertClose(tb testing.TB, got, want *weights.Update) {
 		}
 	}
 }
+
+func errorsAs(err error, target any) bool { return errors.As(err, target) }
+
+func errorsIs(err, target error) bool { return errors.Is(err, target) }
