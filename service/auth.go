@@ -207,7 +207,7 @@ func (s *Service) Authenticate(ctx context.Context, leafID, token string) (*bran
 // tokensLoop deletes expired tokens and revokes the broker access of leaves
 // left without a valid one.
 func (s *Service) tokensLoop(ctx context.Context) {
-	interval := max(s.cfg.PollInterval*10, 10*time.Second)
+	interval := s.cfg.PollInterval * 10
 	every(ctx, interval, nil, func() {
 		leaves, err := s.store.DeleteExpiredTokens(ctx, s.now())
 		if err != nil {

@@ -5,10 +5,12 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"net/http"
 	"net/url"
 	"os"
 	"os/exec"
 	"slices"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -307,5 +309,94 @@ func TestDisruptiveBrokerRestart(t *testing.T) {
 				t.Fatalf("leaf %s: notifications of rounds %v arrived, want 1-4", l.name, rounds)
 			}
 		}
+	}
+}
+
+// managementStatus returns the status of a GET on the broker's management
+// API.
+func managementStatus(tb testing.TB, path string) int {
+	tb.Helper()
+	_, adminURL := amqpURLs(tb)
+	u, _ := url.Parse(adminURL)
+	pw, _ := u.User.Password()
+	req, _ := http.NewRequest("GET", strings.TrimRight(adminURL, "/")+path, nil)
+	req.SetBasicAuth(u.User.Username(), pw)
+	req.URL.User = nil
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	resp.Body.Close()
+	return resp.StatusCode
+}
+
+// TestRabbitMQTokenExpiry: when a leaf's token expires, its broker password
+// is revoked and its open connection closed.
+func TestRabbitMQTokenExpiry(t *testing.T) {
+	amqpURL, _ := amqpURLs(t)
+	m := MustRabbitServer(t, func(c *Config) { c.TokenTTL = 2 * time.Second })
+	a := MustAdmin(t, m.URL())
+	tree, branch, created := MustBranch(t, a, "", client.BranchSpec{}, 1)
+	l := &amqpLeaf{wireLeaf: wireLeaf{server: m.URL(), name: created[0].Name, password: created[0].Password, tree: tree, branch: branch}}
+	if err := l.login(); err != nil {
+		t.Fatal(err)
+	}
+	l.consume(t, amqpURL)
+	closed := l.conn.NotifyClose(make(chan *amqp.Error, 1))
+	select {
+	case <-closed:
+	case <-time.After(20 * time.Second):
+		t.Fatal("the expired leaf's connection is still open")
+	}
+	u, _ := url.Parse(amqpURL)
+	u.User = url.UserPassword(l.id, l.token)
+	if _, err := amqp.DialConfig(u.String(), amqp.Config{Vhost: tree}); err == nil {
+		t.Fatal("the expired token still connects")
+	}
+	if _, status, _ := l.download("x"); status != 401 {
+		t.Fatalf("the expired token on HTTP: %d", status)
+	}
+}
+
+// TestRabbitMQDeleteCleansBroker: deleting a leaf removes its broker user and
+// queue; deleting a tree removes its virtual host.
+func TestRabbitMQDeleteCleansBroker(t *testing.T) {
+	m := MustRabbitServer(t, nil)
+	a := MustAdmin(t, m.URL())
+	ctx := context.Background()
+	tree, branch, created := MustBranch(t, a, "", client.BranchSpec{}, 2)
+	for _, c := range created {
+		l := &wireLeaf{server: m.URL(), name: c.Name, password: c.Password, tree: tree, branch: branch}
+		if err := l.login(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	vhost := "/api/vhosts/" + url.PathEscape(tree)
+	queue := func(id string) string { return "/api/queues/" + url.PathEscape(tree) + "/" + url.PathEscape(id) }
+	for _, c := range created {
+		if s := managementStatus(t, "/api/users/"+c.ID); s != 200 {
+			t.Fatalf("user of leaf %s: %d", c.Name, s)
+		}
+		if s := managementStatus(t, queue(c.ID)); s != 200 {
+			t.Fatalf("queue of leaf %s: %d", c.Name, s)
+		}
+	}
+	if err := a.DeleteLeaf(ctx, tree, branch, created[0].Name); err != nil {
+		t.Fatal(err)
+	}
+	if s := managementStatus(t, "/api/users/"+created[0].ID); s != 404 {
+		t.Fatalf("user of a deleted leaf: %d", s)
+	}
+	if s := managementStatus(t, queue(created[0].ID)); s != 404 {
+		t.Fatalf("queue of a deleted leaf: %d", s)
+	}
+	if err := a.DeleteTree(ctx, tree); err != nil {
+		t.Fatal(err)
+	}
+	if s := managementStatus(t, vhost); s != 404 {
+		t.Fatalf("vhost of a deleted tree: %d", s)
+	}
+	if s := managementStatus(t, "/api/users/"+created[1].ID); s != 404 {
+		t.Fatalf("user of a leaf of a deleted tree: %d", s)
 	}
 }
