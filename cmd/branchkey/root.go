@@ -22,6 +22,7 @@ Start with "branchkey demo". Run "branchkey serve" for the server.`,
 		newInspectCmd(),
 		newServeCmd(),
 		newAdminCmd(),
+		newAggregateCmd(),
 	)
 	return root
 }
