@@ -171,7 +171,7 @@ func float32Update(tb testing.TB, samples int64, n int, seed uint64) ([]byte, []
 		vals[i] = float32(r.NormFloat64())
 		binary.LittleEndian.PutUint32(data[4*i:], math.Float32bits(vals[i]))
 	}
-	half := n / 2
+	half := n / 8 * 4
 	u := &weights.Update{NumSamples: samples, Tensors: []weights.Tensor{
 		{DType: weights.Float32, Shape: []int{half / 4, 4}, Data: data[:4*half]},
 		{DType: weights.Float32, Shape: []int{n - half}, Data: data[4*half:]},

@@ -19,7 +19,7 @@ import (
 const testAdminToken = "test-admin-token-0123456789"
 
 // fixtures is the numpy-made test data.
-var fixtures, _ = filepath.Abs("../../testdata/fixtures")
+var fixturesAbs, _ = filepath.Abs("../../testdata/fixtures")
 
 var nameSeq atomic.Int64
 

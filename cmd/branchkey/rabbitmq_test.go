@@ -77,7 +77,7 @@ func TestRabbitMQWire(t *testing.T) {
 	host, port := brokerHost(t)
 	runPython(t, "pika_leaf.py", "amqp", map[string]any{
 		"server": m.URL(), "admin_token": testAdminToken, "tree": tree, "branch": branch,
-		"amqp_host": host, "amqp_port": port, "leaves": leaves, "fixtures": fixtures,
+		"amqp_host": host, "amqp_port": port, "leaves": leaves, "fixtures": fixturesAbs,
 	})
 }
 

@@ -26,7 +26,7 @@ func TestWireHappyPath(t *testing.T) {
 	tree, branch, leaves := MustBranch(t, a, "", client.BranchSpec{MinUpdates: intp(3)}, 3)
 	runPython(t, "wire_leaf.py", "happy", map[string]any{
 		"server": m.URL(), "admin_token": testAdminToken, "tree": tree, "branch": branch,
-		"leaves": leaves, "fixtures": fixtures,
+		"leaves": leaves, "fixtures": fixturesAbs,
 	})
 	aggs, err := a.ListAggregations(context.Background(), tree, branch)
 	if err != nil {
@@ -51,7 +51,7 @@ func TestWireErrors(t *testing.T) {
 	_, other, others := MustBranch(t, a, tree, client.BranchSpec{}, 1)
 	runPython(t, "wire_leaf.py", "errors", map[string]any{
 		"server": m.URL(), "admin_token": testAdminToken, "tree": tree, "branch": branch,
-		"leaves": leaves, "fixtures": fixtures, "other_branch": other, "other_leaf": others[0],
+		"leaves": leaves, "fixtures": fixturesAbs, "other_branch": other, "other_leaf": others[0],
 	})
 }
 
