@@ -14,11 +14,12 @@ import (
 	"github.com/branchkey/branchkey/weights"
 )
 
-const fixtures = "../../testdata/fixtures"
+// aggFixtures is the numpy-made test data.
+const aggFixtures = "../../testdata/fixtures"
 
-// runCaptured runs a command line and returns its exit code, stdout and
+// aggRun runs a command line and returns its exit code, stdout and
 // stderr.
-func runCaptured(tb testing.TB, args ...string) (int, string, string) {
+func aggRun(tb testing.TB, args ...string) (int, string, string) {
 	tb.Helper()
 	dir := tb.TempDir()
 	outF, err := os.Create(filepath.Join(dir, "stdout"))
@@ -40,16 +41,16 @@ func runCaptured(tb testing.TB, args ...string) (int, string, string) {
 	return code, string(o), string(e)
 }
 
-func roundFiles(tb testing.TB, round string) []string {
+func aggRoundFiles(tb testing.TB, round string) []string {
 	tb.Helper()
-	files, _ := filepath.Glob(filepath.Join(fixtures, round, "leaf*.npy"))
+	files, _ := filepath.Glob(filepath.Join(aggFixtures, round, "leaf*.npy"))
 	if len(files) == 0 {
 		tb.Fatal("no fixtures")
 	}
 	return files
 }
 
-func mustRead(tb testing.TB, path string) *weights.Update {
+func aggRead(tb testing.TB, path string) *weights.Update {
 	tb.Helper()
 	u, err := weights.ReadFile(path)
 	if err != nil {
@@ -58,9 +59,9 @@ func mustRead(tb testing.TB, path string) *weights.Update {
 	return u
 }
 
-// assertNear fails unless a and b have the same tensors and values within
+// aggAssertNear fails unless a and b have the same tensors and values within
 // a relative tol.
-func assertNear(tb testing.TB, got, want *weights.Update, tol float64) {
+func aggAssertNear(tb testing.TB, got, want *weights.Update, tol float64) {
 	tb.Helper()
 	if got.NumSamples != want.NumSamples {
 		tb.Fatalf("num_samples %d, want %d", got.NumSamples, want.NumSamples)
@@ -87,7 +88,7 @@ func assertNear(tb testing.TB, got, want *weights.Update, tol float64) {
 func TestAggregateCommand(t *testing.T) {
 	t.Run("OK", func(t *testing.T) {
 		out := filepath.Join(t.TempDir(), "out.npy")
-		code, stdout, stderr := runCaptured(t, append([]string{"aggregate", "-o", out}, roundFiles(t, "round_0")...)...)
+		code, stdout, stderr := aggRun(t, append([]string{"aggregate", "-o", out}, aggRoundFiles(t, "round_0")...)...)
 		if code != 0 {
 			t.Fatalf("exit %d: %s", code, stderr)
 		}
@@ -99,11 +100,11 @@ func TestAggregateCommand(t *testing.T) {
 		if strings.Count(stdout, "\n") != 1 {
 			t.Fatalf("summary is not one line: %q", stdout)
 		}
-		assertNear(t, mustRead(t, out), mustRead(t, filepath.Join(fixtures, "round_0", "fedavg.npy")), 1e-6)
+		aggAssertNear(t, aggRead(t, out), aggRead(t, filepath.Join(aggFixtures, "round_0", "fedavg.npy")), 1e-6)
 	})
 	t.Run("JSON", func(t *testing.T) {
 		out := filepath.Join(t.TempDir(), "out.npy")
-		code, stdout, stderr := runCaptured(t, append([]string{"aggregate", "--json", "--strategy", "trimmed-mean", "--trim", "0.25", "-o", out}, roundFiles(t, "round_1")...)...)
+		code, stdout, stderr := aggRun(t, append([]string{"aggregate", "--json", "--strategy", "trimmed-mean", "--trim", "0.25", "-o", out}, aggRoundFiles(t, "round_1")...)...)
 		if code != 0 {
 			t.Fatalf("exit %d: %s", code, stderr)
 		}
@@ -118,11 +119,11 @@ func TestAggregateCommand(t *testing.T) {
 	t.Run("Incremental", func(t *testing.T) {
 		dir := t.TempDir()
 		a, b := filepath.Join(dir, "a.npy"), filepath.Join(dir, "b.npy")
-		files := roundFiles(t, "round_2")
-		if code, _, stderr := runCaptured(t, append([]string{"aggregate", "-o", a}, files...)...); code != 0 {
+		files := aggRoundFiles(t, "round_2")
+		if code, _, stderr := aggRun(t, append([]string{"aggregate", "-o", a}, files...)...); code != 0 {
 			t.Fatal(stderr)
 		}
-		code, stdout, stderr := runCaptured(t, append([]string{"aggregate", "--incremental", "-o", b}, files...)...)
+		code, stdout, stderr := aggRun(t, append([]string{"aggregate", "--incremental", "-o", b}, files...)...)
 		if code != 0 || !strings.Contains(stdout, "(incremental)") {
 			t.Fatalf("exit %d: %s %s", code, stdout, stderr)
 		}
@@ -133,11 +134,11 @@ func TestAggregateCommand(t *testing.T) {
 		}
 	})
 	t.Run("Sample", func(t *testing.T) {
-		files := roundFiles(t, "round_1")
+		files := aggRoundFiles(t, "round_1")
 		var used [][]string
 		for range 2 {
 			out := filepath.Join(t.TempDir(), "out.npy")
-			code, stdout, stderr := runCaptured(t, append([]string{"aggregate", "--json", "--sample", "2", "--seed", "7", "-o", out}, files...)...)
+			code, stdout, stderr := aggRun(t, append([]string{"aggregate", "--json", "--sample", "2", "--seed", "7", "-o", out}, files...)...)
 			if code != 0 {
 				t.Fatal(stderr)
 			}
@@ -157,12 +158,12 @@ func TestAggregateCommand(t *testing.T) {
 	})
 	t.Run("ServerOptimizerState", func(t *testing.T) {
 		dir := t.TempDir()
-		files := roundFiles(t, "round_0")
-		global := filepath.Join(fixtures, "round_0", "fedavg.npy")
+		files := aggRoundFiles(t, "round_0")
+		global := filepath.Join(aggFixtures, "round_0", "fedavg.npy")
 		state := filepath.Join(dir, "state.npy")
 		for round := int64(1); round <= 2; round++ {
 			out := filepath.Join(dir, "out.npy")
-			code, stdout, stderr := runCaptured(t, append([]string{"aggregate", "--json", "--strategy", "fedadam", "--server-lr", "0.01", "--global", global, "--state", state, "-o", out}, files...)...)
+			code, stdout, stderr := aggRun(t, append([]string{"aggregate", "--json", "--strategy", "fedadam", "--server-lr", "0.01", "--global", global, "--state", state, "-o", out}, files...)...)
 			if code != 0 {
 				t.Fatal(stderr)
 			}
@@ -173,7 +174,7 @@ func TestAggregateCommand(t *testing.T) {
 			if s.StateRound != round {
 				t.Fatalf("round %d: state round %d", round, s.StateRound)
 			}
-			st := mustRead(t, state)
+			st := aggRead(t, state)
 			if st.NumSamples != round || weights.FormatShape(st.Tensors[0].Shape) != "(6, 4, 2)" {
 				t.Fatalf("state: num_samples %d, shape %s", st.NumSamples, st.Tensors[0].ShapeString())
 			}
@@ -181,8 +182,8 @@ func TestAggregateCommand(t *testing.T) {
 	})
 	t.Run("ErrMismatch", func(t *testing.T) {
 		out := filepath.Join(t.TempDir(), "out.npy")
-		files := append(roundFiles(t, "round_0"), filepath.Join(fixtures, "round_0_mismatch.npy"))
-		code, _, stderr := runCaptured(t, append([]string{"aggregate", "-o", out}, files...)...)
+		files := append(aggRoundFiles(t, "round_0"), filepath.Join(aggFixtures, "round_0_mismatch.npy"))
+		code, _, stderr := aggRun(t, append([]string{"aggregate", "-o", out}, files...)...)
 		if code != 1 || !strings.Contains(stderr, "round_0_mismatch.npy: tensor 0 has shape (6, 5), the first update's is (6, 4)") {
 			t.Fatalf("exit %d: %s", code, stderr)
 		}
@@ -196,17 +197,17 @@ func TestAggregateCommand(t *testing.T) {
 	})
 	t.Run("ErrNaN", func(t *testing.T) {
 		out := filepath.Join(t.TempDir(), "out.npy")
-		code, _, stderr := runCaptured(t, "aggregate", "-o", out, filepath.Join(fixtures, "bad_nan.npy"))
+		code, _, stderr := aggRun(t, "aggregate", "-o", out, filepath.Join(aggFixtures, "bad_nan.npy"))
 		if code != 1 || !strings.Contains(stderr, "NaN") {
 			t.Fatalf("exit %d: %s", code, stderr)
 		}
-		if code, _, stderr := runCaptured(t, "aggregate", "--allow-non-finite", "-o", out, filepath.Join(fixtures, "bad_nan.npy")); code != 0 {
+		if code, _, stderr := aggRun(t, "aggregate", "--allow-non-finite", "-o", out, filepath.Join(aggFixtures, "bad_nan.npy")); code != 0 {
 			t.Fatalf("allowed: exit %d: %s", code, stderr)
 		}
 	})
 	t.Run("ErrOptions", func(t *testing.T) {
 		out := filepath.Join(t.TempDir(), "out.npy")
-		files := roundFiles(t, "round_0")
+		files := aggRoundFiles(t, "round_0")
 		for _, tc := range []struct {
 			args []string
 			want string
@@ -218,14 +219,14 @@ func TestAggregateCommand(t *testing.T) {
 			{[]string{"--strategy", "krum", "--byzantine", "1"}, "krum: --byzantine 1 needs more than 2F+2 = 4 updates, got 3"},
 			{[]string{"--sample", "9"}, "--sample 9 is more than the 3 files"},
 		} {
-			code, _, stderr := runCaptured(t, append(append(append([]string{"aggregate"}, tc.args...), "-o", out), files...)...)
+			code, _, stderr := aggRun(t, append(append(append([]string{"aggregate"}, tc.args...), "-o", out), files...)...)
 			if code != 2 || !strings.Contains(stderr, tc.want) {
 				t.Errorf("%v: exit %d: %q, want %q", tc.args, code, stderr, tc.want)
 			}
 		}
 	})
 	t.Run("Help", func(t *testing.T) {
-		code, stdout, _ := runCaptured(t, "aggregate", "--help")
+		code, stdout, _ := aggRun(t, "aggregate", "--help")
 		if code != 0 {
 			t.Fatal(code)
 		}
@@ -237,10 +238,10 @@ func TestAggregateCommand(t *testing.T) {
 	})
 }
 
-// numpyRound makes updates with numpy (float32, float16, float64 and an
+// aggNumpyRound makes updates with numpy (float32, float16, float64 and an
 // int64 counter), averages them as Python FL servers do in float64, and
 // writes the reference.
-const numpyRound = `
+const aggNumpyRound = `
 import sys, numpy as np
 out = sys.argv[1]
 rng = np.random.default_rng(11)
@@ -278,17 +279,17 @@ func TestAggregateNumpy(t *testing.T) {
 		t.Skip("BRANCHKEY_TEST_PYTHON is not set (e.g. /usr/bin/python3 with numpy)")
 	}
 	dir := t.TempDir()
-	if b, err := exec.Command(py, "-c", numpyRound, dir).CombinedOutput(); err != nil {
+	if b, err := exec.Command(py, "-c", aggNumpyRound, dir).CombinedOutput(); err != nil {
 		t.Fatalf("numpy: %v\n%s", err, b)
 	}
 	files, _ := filepath.Glob(filepath.Join(dir, "leaf*.npy"))
 	out := filepath.Join(dir, "out.npy")
-	if code, _, stderr := runCaptured(t, append([]string{"aggregate", "-o", out}, files...)...); code != 0 {
+	if code, _, stderr := aggRun(t, append([]string{"aggregate", "-o", out}, files...)...); code != 0 {
 		t.Fatal(stderr)
 	}
 	// Within one float16 rounding (the float32 and float64 tensors come
 	// out within their own, far smaller).
-	assertNear(t, mustRead(t, out), mustRead(t, filepath.Join(dir, "want.npy")), 1e-3)
+	aggAssertNear(t, aggRead(t, out), aggRead(t, filepath.Join(dir, "want.npy")), 1e-3)
 	check := `
 import sys, numpy as np
 a = np.load(sys.argv[1], allow_pickle=True); b = np.load(sys.argv[2], allow_pickle=True)
