@@ -233,8 +233,13 @@ type PutResult struct {
 // use by several goroutines and, for shared databases, several processes.
 //
 // Errors: ENOTFOUND for a missing thing, ECONFLICT for an id that exists or a
-// state that forbids the change, EUNAVAILABLE when the database cannot be
+// state that forbids the change, EINVALID for a value the store cannot hold
+// (an empty id, a bad run status), EUNAVAILABLE when the database cannot be
 // reached; anything else is internal.
+//
+// Callbacks (PutUpdate's check, CloseRound's pick, SetRunStatus's msg) run
+// inside the write transaction and must not call the Store. A limit of 0 or
+// less means no limit.
 type Store interface {
 	// Ping checks the database answers.
 	Ping(ctx context.Context) error
@@ -265,7 +270,9 @@ type Store interface {
 	DeleteBranch(ctx context.Context, treeID, id string) (leaves []string, blobs []string, err error)
 	// SetRunStatus changes a branch's run state and, in the same
 	// transaction, stores the message msg builds from the changed branch. A
-	// start after a stop opens the next run at round 1. ENOTFOUND.
+	// start after a stop (or the first start of a branch created paused, at
+	// run 0) opens the next run at round 1; a stop marks the run's open
+	// round failed, since it can no longer close. ENOTFOUND.
 	SetRunStatus(ctx context.Context, treeID, id string, status RunStatus, msg func(*Branch) *Message) (*Branch, error)
 
 	// CreateLeaf records a leaf. ENOTFOUND for the branch, ECONFLICT if the
@@ -298,7 +305,8 @@ type Store interface {
 	// PutUpdate records u in its branch's open round, replacing the leaf's
 	// earlier update of that round. It fills u.Run and u.Round. check runs
 	// inside the transaction with the round as it is before u; an error from
-	// it aborts and is returned. ECONFLICT when the run is not started.
+	// it aborts and is returned. ECONFLICT when the run is not started; an
+	// idempotent retry is answered with Existing whatever the run's state.
 	PutUpdate(ctx context.Context, u *Update, check func(*Round) error) (*PutResult, error)
 	// FindUpdate returns an update. ENOTFOUND.
 	FindUpdate(ctx context.Context, id string) (*Update, error)
@@ -326,7 +334,9 @@ type Store interface {
 	PendingRounds(ctx context.Context, now time.Time) ([]*Round, error)
 	// FinishRound records the aggregation of a round claimed by owner and,
 	// in the same transaction, marks the round done and stores msgs.
-	// ECONFLICT if owner no longer holds the claim.
+	// ECONFLICT if owner no longer holds the claim: another caller took it
+	// over (an expired claim still held by its owner remains valid until
+	// then).
 	FinishRound(ctx context.Context, a *Aggregation, owner string, msgs []*Message) error
 	// FailRound marks a round claimed by owner failed with the reason.
 	// ECONFLICT if owner no longer holds the claim.
@@ -347,7 +357,7 @@ type Store interface {
 	LastMessageSeq(ctx context.Context) (int64, error)
 	// ClaimOutbox leases up to limit unpublished messages to owner until
 	// until, oldest first; messages leased by someone else are skipped until
-	// their lease expires.
+	// their lease expires, and owner's own leases are renewed.
 	ClaimOutbox(ctx context.Context, owner string, now, until time.Time, limit int) ([]*Message, error)
 	// MarkPublished records that the broker confirmed the messages.
 	MarkPublished(ctx context.Context, ids []string) error
@@ -364,7 +374,9 @@ type Blob interface {
 }
 
 // BlobWriter receives a new blob's bytes. Nothing is visible under the key
-// until Commit returns nil, and then it is durable.
+// until Commit returns nil, and then it is durable. The writer lives within
+// the context given to Create: once it is cancelled, Write and Commit fail
+// and nothing is published.
 type BlobWriter interface {
 	io.Writer
 	// Commit makes the bytes durable and visible under the key.
@@ -375,6 +387,9 @@ type BlobWriter interface {
 
 // BlobStore holds update and aggregate files. Blobs stream: nothing here
 // holds a whole file in memory.
+//
+// Keys are slash-separated paths of [A-Za-z0-9._-] segments, at most 1024
+// bytes, with no empty or ".." segment; other keys are EINVALID.
 //
 // Errors: ENOTFOUND from Open for a missing key; EUNAVAILABLE when the
 // storage cannot be reached.
@@ -406,7 +421,9 @@ func PutBlob(ctx context.Context, bs BlobStore, key string, r io.Reader) (int64,
 //
 // Publish returns nil only once the message is delivered or durably queued
 // (for RabbitMQ: confirmed by the broker). EUNAVAILABLE while the transport
-// is down; the caller keeps the message and retries.
+// is down; the caller keeps the message and retries. ENOTFOUND when the
+// transport has no route for the branch (no leaf of it was ever
+// provisioned): nobody can receive it there, and the caller may drop it.
 type Notifier interface {
 	Publish(ctx context.Context, m *Message) error
 }
@@ -421,7 +438,8 @@ type Broker interface {
 	// and the leaf's queue, bound to the exchange, exist.
 	PrepareLeaf(ctx context.Context, treeID, branchID, leafID string) error
 	// GrantLeaf sets the leaf's broker user with password as its password,
-	// allowed to read its own queue and nothing else.
+	// allowed to read its own queue and nothing else. A leaf has one broker
+	// password: a later grant replaces it for new connections.
 	GrantLeaf(ctx context.Context, treeID, leafID, password string) error
 	// RevokeLeaf removes the leaf's broker password and closes the user's
 	// open connections; its queue stays, so messages keep waiting.
