@@ -1,0 +1,226 @@
+package postgres
+
+import (
+	"context"
+
+	"github.com/jackc/pgx/v5"
+
+	"github.com/branchkey/branchkey"
+)
+
+// updateColumns are the columns listUpdates reads, in order.
+const updateColumns = `id, tree_id, branch_id, leaf_id, run, round, num_samples, size, blob_key,
+	signature, filename, metadata, idempotency_key, superseded, created_at`
+
+// PutUpdate records u in its branch's open round, replacing the leaf's
+// earlier update of that round, and fills u.Run, u.Round and, if it is zero,
+// u.CreatedAt. It creates the round's row if the round has none yet; the
+// round's Signature and FirstUpdateAt are set by its first update.
+//
+// The transaction holds the branch's row lock from the start, so uploads to
+// a branch, and the close of its round, take turns: check sees the round as
+// the previous upload left it, and an upload never lands in a round that
+// closed meanwhile.
+//
+// A retry (same leaf and non-empty idempotency key as a recorded update)
+// writes nothing and returns the recorded update as Existing, whatever the
+// run's state, so that a client retrying a successful upload gets its answer.
+// check runs inside the transaction with the round as it is before u; an
+// error from it aborts and is returned unchanged. check may run more than
+// once (see Store).
+//
+// ENOTFOUND for the branch or the leaf (or a leaf of another branch),
+// ECONFLICT when the run is not started or the update id exists.
+func (s *Store) PutUpdate(ctx context.Context, u *branchkey.Update, check func(*branchkey.Round) error) (*branchkey.PutResult, error) {
+	if u.ID == "" {
+		return nil, branchkey.Errorf(branchkey.EINVALID, "update id is empty")
+	}
+	if err := checkText("update id", u.ID, "blob key", u.BlobKey, "signature", u.Signature,
+		"filename", u.Filename, "metadata", u.Metadata, "idempotency key", u.IdempotencyKey); err != nil {
+		return nil, err
+	}
+	nu := *u
+	if nu.CreatedAt.IsZero() {
+		nu.CreatedAt = s.now()
+	}
+	nu.CreatedAt = stored(nu.CreatedAt)
+	nu.Superseded = false
+	var res *branchkey.PutResult
+	err := s.write(ctx, func(tx pgx.Tx) error {
+		res = nil
+		b, err := findBranch(ctx, tx, nu.TreeID, nu.BranchID, "FOR NO KEY UPDATE")
+		if err != nil {
+			return err
+		}
+		if nu.IdempotencyKey != "" {
+			prev, err := findUpdateByKey(ctx, tx, nu.LeafID, nu.IdempotencyKey)
+			if err == nil {
+				r, err := findRound(ctx, tx, roundOf(prev))
+				if err != nil {
+					return err
+				}
+				res = &branchkey.PutResult{Round: r, Existing: prev}
+				return nil
+			} else if branchkey.ErrorCode(err) != branchkey.ENOTFOUND {
+				return err
+			}
+		}
+
+		if b.RunStatus != branchkey.RunStarted {
+			return branchkey.Errorf(branchkey.ECONFLICT, "branch %q of tree %q is not running (run %d: %s)", b.ID, b.TreeID, b.RunNumber, b.RunStatus)
+		}
+		l, err := findLeaf(ctx, tx, nu.LeafID, "")
+		if err != nil {
+			return err
+		}
+		if l.TreeID != nu.TreeID || l.BranchID != nu.BranchID {
+			return branchkey.Errorf(branchkey.ENOTFOUND, "leaf %q not found in branch %q of tree %q", nu.LeafID, nu.BranchID, nu.TreeID)
+		}
+		if ok, err := exists(ctx, tx, "SELECT 1 FROM updates WHERE id = $1", nu.ID); err != nil {
+			return err
+		} else if ok {
+			return branchkey.Errorf(branchkey.ECONFLICT, "update %q already exists", nu.ID)
+		}
+
+		key := currentRound(b)
+		if err := openRound(ctx, tx, key); err != nil {
+			return err
+		}
+		r, err := findRound(ctx, tx, key)
+		if err != nil {
+			return err
+		}
+		if r.Status != branchkey.RoundOpen {
+			return branchkey.Errorf(branchkey.ECONFLICT, "%s is %s, not open", describeRound(key), r.Status)
+		}
+		if check != nil {
+			if err := check(r); err != nil {
+				return &callbackError{err}
+			}
+		}
+
+		prevs, err := listUpdates(ctx, tx, `WHERE tree_id = $1 AND branch_id = $2 AND run = $3 AND round = $4
+			AND leaf_id = $5 AND NOT superseded ORDER BY created_at, id`, key.TreeID, key.BranchID, key.Run, key.Round, nu.LeafID)
+		if err != nil {
+			return err
+		}
+		result := &branchkey.PutResult{}
+		if len(prevs) > 0 {
+			if _, err := tx.Exec(ctx, `UPDATE updates SET superseded = TRUE WHERE tree_id = $1 AND branch_id = $2
+				AND run = $3 AND round = $4 AND leaf_id = $5 AND NOT superseded`,
+				key.TreeID, key.BranchID, key.Run, key.Round, nu.LeafID); err != nil {
+				return err
+			}
+			result.Replaced = prevs[len(prevs)-1]
+			result.Replaced.Superseded = true
+		}
+
+		nu.Run, nu.Round = key.Run, key.Round
+		if _, err := tx.Exec(ctx, "INSERT INTO updates ("+updateColumns+") VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)",
+			nu.ID, nu.TreeID, nu.BranchID, nu.LeafID, nu.Run, nu.Round, nu.NumSamples, nu.Size, nu.BlobKey,
+			nu.Signature, nu.Filename, nu.Metadata, nu.IdempotencyKey, false, nu.CreatedAt); err != nil {
+			return err
+		}
+		if _, err := tx.Exec(ctx, `UPDATE rounds
+			SET signature = CASE WHEN signature = '' THEN $1 ELSE signature END,
+			    first_update_at = COALESCE(first_update_at, $2)
+			WHERE tree_id = $3 AND branch_id = $4 AND run = $5 AND round = $6`,
+			nu.Signature, nu.CreatedAt, key.TreeID, key.BranchID, key.Run, key.Round); err != nil {
+			return err
+		}
+		if result.Round, err = findRound(ctx, tx, key); err != nil {
+			return err
+		}
+		res = result
+		return nil
+	})
+	if err != nil {
+		return nil, wrap(err, "put update %s", u.ID)
+	}
+	if res.Existing == nil {
+		*u = nu
+	}
+	return res, nil
+}
+
+// roundOf is the key of the round an update belongs to.
+func roundOf(u *branchkey.Update) branchkey.RoundKey {
+	return branchkey.RoundKey{TreeID: u.TreeID, BranchID: u.BranchID, Run: u.Run, Round: u.Round}
+}
+
+// FindUpdate returns an update. ENOTFOUND.
+func (s *Store) FindUpdate(ctx context.Context, id string) (*branchkey.Update, error) {
+	var us []*branchkey.Update
+	err := s.read(ctx, func(q querier) (err error) {
+		if storable(id) {
+			us, err = listUpdates(ctx, q, "WHERE id = $1", id)
+		}
+		return err
+	})
+	if err != nil {
+		return nil, wrap(err, "find update %s", id)
+	}
+	if len(us) == 0 {
+		return nil, branchkey.Errorf(branchkey.ENOTFOUND, "update %q not found", id)
+	}
+	return us[0], nil
+}
+
+// FindUpdateByKey returns the leaf's update with that idempotency key.
+// ENOTFOUND, also for an empty key.
+func (s *Store) FindUpdateByKey(ctx context.Context, leafID, key string) (*branchkey.Update, error) {
+	var u *branchkey.Update
+	err := s.read(ctx, func(q querier) (err error) {
+		u, err = findUpdateByKey(ctx, q, leafID, key)
+		return err
+	})
+	return u, wrap(err, "find update of leaf %s by idempotency key", leafID)
+}
+
+func findUpdateByKey(ctx context.Context, q querier, leafID, key string) (*branchkey.Update, error) {
+	if key != "" && storable(leafID, key) {
+		us, err := listUpdates(ctx, q, "WHERE leaf_id = $1 AND idempotency_key = $2", leafID, key)
+		if err != nil {
+			return nil, err
+		}
+		if len(us) > 0 {
+			return us[0], nil
+		}
+	}
+	return nil, branchkey.Errorf(branchkey.ENOTFOUND, "no update of leaf %q has idempotency key %q", leafID, key)
+}
+
+// RoundUpdates returns the round's current (not superseded) updates, by id.
+func (s *Store) RoundUpdates(ctx context.Context, key branchkey.RoundKey) ([]*branchkey.Update, error) {
+	var us []*branchkey.Update
+	err := s.read(ctx, func(q querier) (err error) {
+		us, err = roundUpdates(ctx, q, key)
+		return err
+	})
+	return us, wrap(err, "list updates of %s", describeRound(key))
+}
+
+func roundUpdates(ctx context.Context, q querier, key branchkey.RoundKey) ([]*branchkey.Update, error) {
+	if !storable(key.TreeID, key.BranchID) {
+		return nil, nil
+	}
+	return listUpdates(ctx, q, "WHERE tree_id = $1 AND branch_id = $2 AND run = $3 AND round = $4 AND NOT superseded ORDER BY id",
+		key.TreeID, key.BranchID, key.Run, key.Round)
+}
+
+func listUpdates(ctx context.Context, q querier, where string, args ...any) ([]*branchkey.Update, error) {
+	rows, err := q.Query(ctx, "SELECT "+updateColumns+" FROM updates "+where, args...)
+	if err != nil {
+		return nil, err
+	}
+	return pgx.CollectRows(rows, func(row pgx.CollectableRow) (*branchkey.Update, error) {
+		var u branchkey.Update
+		if err := row.Scan(&u.ID, &u.TreeID, &u.BranchID, &u.LeafID, &u.Run, &u.Round, &u.NumSamples,
+			&u.Size, &u.BlobKey, &u.Signature, &u.Filename, &u.Metadata, &u.IdempotencyKey,
+			&u.Superseded, &u.CreatedAt); err != nil {
+			return nil, err
+		}
+		u.CreatedAt = u.CreatedAt.UTC()
+		return &u, nil
+	})
+}
