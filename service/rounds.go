@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/branchkey/branchkey"
@@ -30,6 +31,7 @@ type roundAcc struct {
 	ids     map[string]bool
 	spoiled bool
 	pending sync.WaitGroup
+	queued  atomic.Int32 // folds queued or running
 }
 
 // spoil gives up on the accumulator (an update was replaced or removed) and
@@ -67,11 +69,13 @@ func (s *Service) fold(b *branchkey.Branch, key branchkey.RoundKey, u *branchkey
 		s.accs[key] = a
 	}
 	a.pending.Add(1)
+	a.queued.Add(1)
 	s.aggWG.Add(1)
 	s.mu.Unlock()
 	go func() {
 		defer s.aggWG.Done()
 		defer a.pending.Done()
+		defer a.queued.Add(-1)
 		ctx, cancel := context.WithTimeout(context.Background(), 10*opTimeout)
 		defer cancel()
 		a.mu.Lock()
@@ -141,6 +145,34 @@ func (s *Service) forgetAccs(match func(branchkey.RoundKey) bool) {
 			delete(s.accs, k)
 		}
 	}
+}
+
+// dropStaleAccs frees the accumulators of rounds that are no longer open
+// and that this process is not aggregating: rounds another replica closed,
+// stopped runs, deleted branches.
+func (s *Service) dropStaleAccs(held []branchkey.RoundKey, open []*branchkey.Round) {
+	isOpen := make(map[branchkey.RoundKey]bool, len(open))
+	for _, r := range open {
+		isOpen[r.RoundKey] = true
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for _, k := range held {
+		a := s.accs[k]
+		if a != nil && !isOpen[k] && !s.aggregating[k] && a.idle() {
+			a.spoil(s)
+			delete(s.accs, k)
+		}
+	}
+}
+
+// idle reports whether no fold is under way or queued.
+func (a *roundAcc) idle() bool {
+	if !a.mu.TryLock() {
+		return false
+	}
+	defer a.mu.Unlock()
+	return a.queued.Load() == 0
 }
 
 // maybeClose closes a round whose min_updates is reached.
@@ -311,6 +343,15 @@ func (s *Service) checkRounds(ctx context.Context) {
 	for _, r := range pending {
 		s.startAggregation(r.RoundKey)
 	}
+	// Snapshot the accumulators before listing open rounds: a round whose
+	// accumulator exists was recorded before the listing, so it is listed
+	// if it is still open.
+	s.mu.Lock()
+	held := make([]branchkey.RoundKey, 0, len(s.accs))
+	for k := range s.accs {
+		held = append(held, k)
+	}
+	s.mu.Unlock()
 	open, err := s.store.OpenRounds(ctx)
 	if err != nil {
 		if ctx.Err() == nil {
@@ -318,6 +359,7 @@ func (s *Service) checkRounds(ctx context.Context) {
 		}
 		return
 	}
+	s.dropStaleAccs(held, open)
 	branches := map[[2]string]*branchkey.Branch{}
 	for _, r := range open {
 		bk := [2]string{r.TreeID, r.BranchID}
