@@ -8,6 +8,7 @@ import (
 	"io"
 	"math"
 	"slices"
+	"sync"
 	"time"
 )
 
@@ -41,20 +42,19 @@ func Aggregate(ctx context.Context, cfg Config, inputs []Input, out io.Writer, o
 	if err := e.openAux(ctx); err != nil {
 		return nil, err
 	}
-	srcs := make([]*source, len(sorted))
+	srcs, err := openAll(ctx, sorted, max(e.o.workers, 4))
+	if err != nil {
+		return nil, err
+	}
 	names := make([]string, len(sorted))
-	for i, in := range sorted {
-		s, err := open(ctx, in, roleUpdate)
-		if err != nil {
-			return nil, err
-		}
+	for i, s := range srcs {
 		if e.l == nil {
 			e.l = newLayout(s.u, "the first update's")
 		}
 		if err := e.l.check(s); err != nil {
 			return nil, err
 		}
-		srcs[i], names[i] = s, in.Name
+		names[i] = s.name
 	}
 	stateRound, err := e.openState(ctx)
 	if err != nil {
@@ -119,6 +119,30 @@ func Aggregate(ctx context.Context, cfg Config, inputs []Input, out io.Writer, o
 	res.BytesWritten = o.cw.n
 	res.Duration = time.Since(t0)
 	return res, nil
+}
+
+// openAll indexes the inputs, n at a time (indexing is a few small reads
+// per input, latency-bound on a blob store), and returns the first error in
+// input order.
+func openAll(ctx context.Context, inputs []Input, n int) ([]*source, error) {
+	srcs := make([]*source, len(inputs))
+	errs := make([]error, len(inputs))
+	var wg sync.WaitGroup
+	sem := make(chan struct{}, n)
+	for i, in := range inputs {
+		sem <- struct{}{}
+		wg.Go(func() {
+			defer func() { <-sem }()
+			srcs[i], errs[i] = open(ctx, in, roleUpdate)
+		})
+	}
+	wg.Wait()
+	for _, err := range errs {
+		if err != nil {
+			return nil, err
+		}
+	}
+	return srcs, nil
 }
 
 func numSamples(srcs []*source) int64 {

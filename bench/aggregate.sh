@@ -117,6 +117,7 @@ for c in $CASES; do
 	if ! compgen -G "$dir/leaf*.npy" >/dev/null; then
 		echo "making $leaves updates of $params float32 parameters in $dir"
 		"$PYTHON" "$PEER" make "$dir" --leaves "$leaves" --params "$params" >/dev/null
+		sync # so that writing the updates back does not run during the timings
 	fi
 	files=("$dir"/leaf*.npy)
 	bytes=$(cat "${files[@]}" | wc -c)
