@@ -6,6 +6,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"os"
 	"os/signal"
 	"syscall"
@@ -19,17 +20,24 @@ func main() {
 
 // run executes one command line and returns the process exit code.
 func run(ctx context.Context, args []string) int {
+	return runIO(ctx, args, os.Stdout, os.Stderr)
+}
+
+// runIO is run with the command's output going to stdout and stderr.
+func runIO(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	cmd := newRootCmd()
 	cmd.SetArgs(args)
+	cmd.SetOut(stdout)
+	cmd.SetErr(stderr)
 	if err := cmd.ExecuteContext(ctx); err != nil {
 		var ee *exitError
 		if errors.As(err, &ee) {
 			if ee.msg != "" {
-				fmt.Fprintln(os.Stderr, "branchkey:", ee.msg)
+				fmt.Fprintln(stderr, "branchkey:", ee.msg)
 			}
 			return ee.code
 		}
-		fmt.Fprintln(os.Stderr, "branchkey:", err)
+		fmt.Fprintln(stderr, "branchkey:", err)
 		return 1
 	}
 	return 0

@@ -19,6 +19,7 @@ Start with "branchkey demo". Run "branchkey serve" for the server.`,
 		SilenceErrors: true,
 	}
 	root.AddCommand(
+		newDemoCmd(),
 		newInspectCmd(),
 		newServeCmd(),
 		newAdminCmd(),
