@@ -159,11 +159,12 @@ func (a *Accumulator) NumSamples() int64 {
 	return a.samples
 }
 
-// WriteAggregate writes the aggregate of the updates added so far to out, streaming
-// it through a weights encoder, and returns the summary. The server
-// optimizers read their state given with WithState and write the new one to
-// WithStateOut's writer. It does not change the sum: it can be called
-// again, after more Adds or to retry a failed write.
+// WriteAggregate writes the aggregate of the updates added so far to out,
+// streaming it through a weights encoder, and returns the summary. The
+// server optimizers read their state given with WithState and write the new
+// one to WithStateOut's writer (at every call). It does not change the sum:
+// it can be called again, after more Adds or to retry a failed write. An
+// error can come after part of the aggregate was written to out.
 func (a *Accumulator) WriteAggregate(ctx context.Context, out io.Writer) (*Result, error) {
 	t0 := time.Now()
 	a.mu.Lock()

@@ -48,11 +48,11 @@ func open(ctx context.Context, in Input, role string) (*source, error) {
 	if err := ctx.Err(); err != nil {
 		return nil, err
 	}
+	if in.R == nil {
+		return nil, &InputError{Role: role, Input: in.Name, Tensor: -1, Kind: ErrMalformed, Msg: "no reader"}
+	}
 	u := in.Update
 	if u == nil {
-		if in.R == nil {
-			return nil, &InputError{Role: role, Input: in.Name, Tensor: -1, Kind: ErrMalformed, Msg: "no reader"}
-		}
 		var err error
 		u, err = weights.Index(in.R, in.Size)
 		if err != nil {
