@@ -87,6 +87,14 @@ func TestMismatch(t *testing.T) {
 			t.Fatalf("err = %v", err)
 		}
 	})
+	t.Run("ErrDuplicate", func(t *testing.T) {
+		ins := small(t, update(1, f64(1)), update(1, f64(2)))
+		ins[1].Name = ins[0].Name
+		_, err := aggregate.Aggregate(ctx, MustConfig(t, "fedavg", nil), ins, &bytes.Buffer{})
+		if !errors.Is(err, aggregate.ErrDuplicate) || err.Error() != "update a.npy: is given twice" {
+			t.Fatalf("err = %v", err)
+		}
+	})
 	t.Run("FortranBoth", func(t *testing.T) {
 		// Updates that agree on Fortran order average element by element
 		// and the result keeps the order.

@@ -21,7 +21,7 @@ import (
 // never O(model). Every strategy runs this way.
 //
 // Inputs are sorted by name first, so the result does not depend on their
-// order. The first of them (or the global model, when the strategy needs
+// order; two inputs of the same name are refused (ErrDuplicate). The first of them (or the global model, when the strategy needs
 // one) fixes the tensors' shapes and output dtypes; an input that disagrees
 // fails with an *InputError of kind ErrMismatch, and one holding NaN or Inf
 // with ErrNonFinite unless cfg.AllowNonFinite. Such an error can come after
@@ -38,6 +38,11 @@ func Aggregate(ctx context.Context, cfg Config, inputs []Input, out io.Writer, o
 	e := &engine{cfg: cfg, o: buildOptions(opts)}
 	sorted := slices.Clone(inputs)
 	slices.SortStableFunc(sorted, func(a, b Input) int { return cmp.Compare(a.Name, b.Name) })
+	for i := 1; i < len(sorted); i++ {
+		if sorted[i].Name == sorted[i-1].Name {
+			return nil, &InputError{Role: roleUpdate, Input: sorted[i].Name, Tensor: -1, Kind: ErrDuplicate, Msg: "is given twice"}
+		}
+	}
 
 	if err := e.openAux(ctx); err != nil {
 		return nil, err

@@ -16,7 +16,7 @@ var (
 	// ErrNonFinite: the input holds NaN or Inf and the Config does not allow
 	// them.
 	ErrNonFinite = errors.New("update holds NaN or Inf")
-	// ErrDuplicate: an Accumulator was given the same input name twice.
+	// ErrDuplicate: two inputs of one aggregation have the same name.
 	ErrDuplicate = errors.New("update given twice")
 )
 
