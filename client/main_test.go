@@ -5,6 +5,7 @@ import (
 	"crypto/rand"
 	"encoding/hex"
 	"log/slog"
+	"net/http"
 	"net/http/httptest"
 	"os"
 	"path/filepath"
@@ -48,7 +49,10 @@ func testLogger(tb testing.TB) *slog.Logger {
 // an httptest.Server.
 type Server struct {
 	*httptest.Server
-	Admin *client.Admin
+	Admin   *client.Admin
+	Service *service.Service
+	// Log counts the server's log records by message.
+	Log *countingHandler
 	// AMQPHost and AMQPPort name the broker leaves consume from; empty
 	// without one.
 	AMQPHost string
@@ -58,11 +62,13 @@ type Server struct {
 // MustServer starts an in-process server; with amqp it provisions leaves on
 // the test broker and notifies through it (the test is skipped when
 // BRANCHKEY_TEST_AMQP_URL and BRANCHKEY_TEST_RABBITMQ_ADMIN_URL are unset).
-func MustServer(tb testing.TB, withAMQP bool) *Server {
+// Middlewares wrap the server's handler, first outermost.
+func MustServer(tb testing.TB, withAMQP bool, middlewares ...func(http.Handler) http.Handler) *Server {
 	tb.Helper()
 	ctx, cancel := context.WithCancel(context.Background())
 	dir := tb.TempDir()
-	log := testLogger(tb)
+	counts := &countingHandler{Handler: testLogger(tb).Handler(), counts: &counts{m: map[string]int{}}}
+	log := slog.New(counts)
 	store, err := sqlite.Open(ctx, filepath.Join(dir, "branchkey.db"))
 	if err != nil {
 		tb.Fatal(err)
@@ -71,7 +77,7 @@ func MustServer(tb testing.TB, withAMQP bool) *Server {
 	if err != nil {
 		tb.Fatal(err)
 	}
-	ts := &Server{}
+	ts := &Server{Log: counts}
 	var opts []service.Option
 	var notifier *rabbitmq.Notifier
 	if withAMQP {
@@ -94,7 +100,12 @@ func MustServer(tb testing.TB, withAMQP bool) *Server {
 	svc := service.New(store, blobs, service.Config{PollInterval: 100 * time.Millisecond}, log, opts...)
 	api := httpapi.New(svc, adminToken, log)
 	api.Heartbeat = time.Second
-	ts.Server = httptest.NewServer(api)
+	var h http.Handler = api
+	for i := len(middlewares) - 1; i >= 0; i-- {
+		h = middlewares[i](h)
+	}
+	ts.Server = httptest.NewServer(h)
+	ts.Service = svc
 	var wg sync.WaitGroup
 	wg.Add(1)
 	go func() {
@@ -116,6 +127,45 @@ func MustServer(tb testing.TB, withAMQP bool) *Server {
 		tb.Fatal(err)
 	}
 	return ts
+}
+
+// countingHandler counts every log record by message and passes warnings
+// and errors on to Handler.
+type countingHandler struct {
+	slog.Handler
+	counts *counts
+}
+
+type counts struct {
+	mu sync.Mutex
+	m  map[string]int
+}
+
+// Count returns how many records with message msg were logged.
+func (h *countingHandler) Count(msg string) int {
+	h.counts.mu.Lock()
+	defer h.counts.mu.Unlock()
+	return h.counts.m[msg]
+}
+
+func (h *countingHandler) Enabled(context.Context, slog.Level) bool { return true }
+
+func (h *countingHandler) Handle(ctx context.Context, r slog.Record) error {
+	h.counts.mu.Lock()
+	h.counts.m[r.Message]++
+	h.counts.mu.Unlock()
+	if r.Level >= slog.LevelWarn {
+		return h.Handler.Handle(ctx, r)
+	}
+	return nil
+}
+
+func (h *countingHandler) WithAttrs(as []slog.Attr) slog.Handler {
+	return &countingHandler{Handler: h.Handler.WithAttrs(as), counts: h.counts}
+}
+
+func (h *countingHandler) WithGroup(name string) slog.Handler {
+	return &countingHandler{Handler: h.Handler.WithGroup(name), counts: h.counts}
 }
 
 // testBroker returns the test broker's URLs, skipping the test without.
