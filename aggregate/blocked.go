@@ -204,42 +204,77 @@ func (e *engine) loadAll(w *worker, srcs []*source, start int64, n int) ([]float
 	return vals, nil
 }
 
-// robust writes the coordinate-wise median or trimmed mean.
+// robust writes the coordinate-wise median or trimmed mean. Each block's
+// values are sorted per parameter by a sorting network applied to whole
+// rows (update i's values of the block): every compare-exchange is a
+// branch-free min/max over two rows, several times faster than sorting each
+// parameter's few values with branches the CPU cannot predict. Row k then
+// holds every parameter's k-th smallest value. (A NaN, when allowed, makes
+// its parameter's result NaN.)
 func (e *engine) robust(ctx context.Context, srcs []*source, o *output) error {
 	nsrc := len(srcs)
 	trim := 0
 	if e.cfg.Strategy == TrimmedMean {
 		trim = int(math.Floor(e.cfg.Trim * float64(nsrc)))
 	}
+	net := sortNetwork(nsrc)
 	return e.run(ctx, e.robustBlock(nsrc), func(w *worker, start int64, n int) error {
 		vals, err := e.loadAll(w, srcs, start, n)
 		if err != nil {
 			return err
 		}
+		row := func(i int) []float64 { return vals[i*n : (i+1)*n] }
+		for _, ce := range net {
+			a, b := row(ce[0]), row(ce[1])
+			b = b[:len(a)]
+			for j, x := range a {
+				y := b[j]
+				a[j], b[j] = min(x, y), max(x, y)
+			}
+		}
 		res := grow(&w.acc, n)
-		col := grow(&w.col, nsrc)
-		for j := range n {
-			for i := range col {
-				col[i] = vals[i*n+j]
+		switch {
+		case e.cfg.Strategy == Median && nsrc%2 == 1:
+			copy(res, row(nsrc/2))
+		case e.cfg.Strategy == Median:
+			lo, hi := row(nsrc/2-1), row(nsrc/2)
+			for j := range res {
+				res[j] = (lo[j] + hi[j]) / 2
 			}
-			slices.Sort(col)
-			if e.cfg.Strategy == Median {
-				if nsrc%2 == 1 {
-					res[j] = col[nsrc/2]
-				} else {
-					res[j] = (col[nsrc/2-1] + col[nsrc/2]) / 2
+		default:
+			clear(res)
+			for i := trim; i < nsrc-trim; i++ {
+				for j, x := range row(i) {
+					res[j] += x
 				}
-				continue
 			}
-			s := 0.0
-			for _, x := range col[trim : nsrc-trim] {
-				s += x
+			k := float64(nsrc - 2*trim)
+			for j := range res {
+				res[j] /= k
 			}
-			res[j] = s / float64(nsrc-2*trim)
 		}
 		_, err = e.finish(w, start, n, res)
 		return err
 	}, o.emit)
+}
+
+// sortNetwork returns the compare-exchanges (i, j), i < j, of Batcher's
+// odd-even merge sort for n inputs: applied in order, each putting the
+// smaller value at i, they sort any n values. There are O(n log^2 n).
+func sortNetwork(n int) [][2]int {
+	var net [][2]int
+	for p := 1; p < n; p <<= 1 {
+		for k := p; k >= 1; k >>= 1 {
+			for j := k % p; j <= n-1-k; j += 2 * k {
+				for i := 0; i <= min(k-1, n-j-k-1); i++ {
+					if (i+j)/(2*p) == (i+j+k)/(2*p) {
+						net = append(net, [2]int{i + j, i + j + k})
+					}
+				}
+			}
+		}
+	}
+	return net
 }
 
 // krum scores the updates by Krum's rule and returns those chosen: the best

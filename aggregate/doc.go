@@ -113,9 +113,11 @@
 // file-backed pages would count in the process's resident memory. The fold
 // over little-endian float32 and float64 reads the bytes in place, and on
 // amd64 with AVX2 (detected at start) uses small assembly kernels that give
-// the same bits as the Go loops they replace. An Accumulator holds 8 bytes
-// per parameter; Aggregate a few MiB per worker for fedavg, and updates x
-// 4 MiB / 8 parameters' worth for the strategies that need all updates.
+// the same bits as the Go loops they replace. Median and trimmed-mean sort
+// each block's values with a branch-free sorting network over whole rows.
+// An Accumulator holds 8 bytes per parameter; Aggregate about 2 MiB per
+// worker for fedavg and max(512 KiB, updates x 32 KiB) per worker for the
+// strategies that need all updates.
 //
 // The package uses the standard library and package weights only.
 package aggregate

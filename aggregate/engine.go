@@ -27,8 +27,10 @@ const DefaultBlockSize = 64 << 10
 const blockAlign = 4096
 
 // robustBlockBytes bounds a worker's values of all updates for one block in
-// the strategies that need them all (N x block x 8 bytes).
-const robustBlockBytes = 4 << 20
+// the strategies that need them all (N x block x 8 bytes), so that they stay
+// in L2 cache while the sorting network passes over them; the block does not
+// shrink below blockAlign parameters, though.
+const robustBlockBytes = 512 << 10
 
 // Option changes how Aggregate or an Accumulator runs.
 type Option func(*options)
@@ -155,7 +157,6 @@ type worker struct {
 	g      []float64
 	st     []float64
 	vals   []float64
-	col    []float64
 	noise  []float64
 	out    []byte
 	sout   []byte

@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"math"
 	"math/rand/v2"
+	"slices"
 	"testing"
 
 	"github.com/branchkey/branchkey/weights"
@@ -100,5 +101,52 @@ func BenchmarkKernels(b *testing.B) {
 				divideToF32(src[0], acc, 3)
 			}
 		})
+	}
+}
+
+// TestSortNetwork checks that the network sorts every 0-1 sequence up to
+// 16 inputs (which proves it sorts anything, by the 0-1 principle) and
+// random values up to 130, infinities and signed zeros included.
+func TestSortNetwork(t *testing.T) {
+	apply := func(net [][2]int, v []float64) {
+		for _, ce := range net {
+			a, b := v[ce[0]], v[ce[1]]
+			v[ce[0]], v[ce[1]] = min(a, b), max(a, b)
+		}
+	}
+	for n := range 17 {
+		net := sortNetwork(n)
+		v := make([]float64, n)
+		for bits := range 1 << n {
+			for i := range v {
+				v[i] = float64(bits >> i & 1)
+			}
+			apply(net, v)
+			if !slices.IsSorted(v) {
+				t.Fatalf("n=%d: %b not sorted: %v", n, bits, v)
+			}
+		}
+	}
+	r := rand.New(rand.NewPCG(5, 6))
+	special := []float64{math.Inf(1), math.Inf(-1), 0, math.Copysign(0, -1)}
+	for n := range 131 {
+		net := sortNetwork(n)
+		for range 20 {
+			v := make([]float64, n)
+			for i := range v {
+				v[i] = float64(r.IntN(9)) - 4
+				if r.IntN(5) == 0 {
+					v[i] = special[r.IntN(len(special))]
+				}
+			}
+			want := slices.Clone(v)
+			slices.Sort(want)
+			apply(net, v)
+			for i := range v {
+				if v[i] != want[i] {
+					t.Fatalf("n=%d: sorted %v, want %v", n, v, want)
+				}
+			}
+		}
 	}
 }
