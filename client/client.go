@@ -237,8 +237,9 @@ func (c *Client) LastEventID() string {
 	return c.lastEvent
 }
 
-// transportFor returns the notification transport the client uses.
-func (c *Client) transportFor() Transport {
+// Transport returns where the client's notifications come from:
+// TransportAMQP or TransportSSE.
+func (c *Client) Transport() Transport {
 	if c.transport == TransportAuto {
 		if c.creds.BrokerHost() != "" {
 			return TransportAMQP

@@ -34,7 +34,7 @@ type Credentials struct {
 	Host          string `json:"host,omitempty"`
 	ResponseHost  string `json:"response_host,omitempty"`
 	// Port is the broker's AMQP port; 0 means DefaultAMQPPort. In JSON it
-	// may be a number or a string of digits.
+	// may be a number or a string of digits, and may be absent.
 	Port int `json:"port,omitempty"`
 }
 
@@ -63,7 +63,7 @@ func (c *Credentials) UnmarshalJSON(b []byte) error {
 		p = []byte(strings.TrimSpace(s))
 	}
 	n, err := strconv.Atoi(string(p))
-	if err != nil || n <= 0 || n > 65535 {
+	if err != nil || n < 0 || n > 65535 {
 		return fmt.Errorf("port %s is not a TCP port number", v.Port)
 	}
 	c.Port = n

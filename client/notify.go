@@ -124,7 +124,7 @@ func (c *Client) startConsumer(ctx context.Context) {
 	c.err = nil
 	out := c.updates
 	conn, name := c.consumeSSE, "sse"
-	if c.transportFor() == TransportAMQP {
+	if c.Transport() == TransportAMQP {
 		conn, name = c.consumeAMQP, "amqp"
 	}
 	cctx, cancel := context.WithCancel(context.WithoutCancel(ctx))

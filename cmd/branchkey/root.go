@@ -23,6 +23,7 @@ Start with "branchkey demo". Run "branchkey serve" for the server.`,
 		newInspectCmd(),
 		newServeCmd(),
 		newAdminCmd(),
+		newLeafCmd(),
 		newAggregateCmd(),
 	)
 	return root
