@@ -57,8 +57,9 @@ func NewAccumulator(ctx context.Context, cfg Config, opts ...Option) (*Accumulat
 // an update that fails those checks is refused with an *InputError and
 // leaves the sum as it was. Checking reads the update once and folding
 // reads it again, so a refused update never touches the sum. A name added
-// before is refused with ErrDuplicate. A read error while folding leaves the
-// sum unknown: that Add and every later call return ErrBroken.
+// before is refused with ErrDuplicate. ctx can stop Add until folding
+// starts; the fold itself runs to its end. A read error while folding
+// leaves the sum unknown: that Add and every later call return ErrBroken.
 func (a *Accumulator) Add(ctx context.Context, in Input) error {
 	t0 := time.Now()
 	a.mu.Lock()
@@ -104,7 +105,9 @@ func (a *Accumulator) Add(ctx context.Context, in Input) error {
 	if a.acc == nil {
 		a.acc = make([]float64, l.params())
 	}
-	err = e.run(ctx, e.o.block, func(w *worker, start int64, n int) error {
+	// Once folding starts it runs to the end, cancelled or not: half an
+	// update in the sum would break the round.
+	err = e.run(context.WithoutCancel(ctx), e.o.block, func(w *worker, start int64, n int) error {
 		w.segs = e.l.segments(w.segs, start, n)
 		nr, err := s.read(w.segs, &w.buf, &w.views)
 		e.read.Add(nr)
