@@ -63,10 +63,12 @@ func (e *InputError) Unwrap() []error {
 // strategy cannot work with. Its message starts with the strategy:
 // "trimmed-mean: --trim must be in [0, 0.5), got 0.7".
 type ConfigError struct {
+	// Strategy is the strategy as given.
 	Strategy string
 	// Option is the option concerned, without dashes, or "".
 	Option string
-	Msg    string
+	// Msg says what is wrong, naming the option and its value.
+	Msg string
 }
 
 // Error implements the error interface.
