@@ -130,10 +130,14 @@ global model. Incremental or blocked.`, Options: []string{OptClip, OptNoiseMulti
 		Defaults: map[string]string{OptClip: "(required)", OptNoiseMultiplier: "(required)"}},
 }
 
-// Strategies returns every strategy's documentation, in a stable order.
+// Strategies returns every strategy's documentation, in a stable order,
+// each Doc one line for the caller to wrap.
 func Strategies() []StrategyInfo {
 	out := make([]StrategyInfo, len(strategyInfos))
 	copy(out, strategyInfos)
+	for i := range out {
+		out[i].Doc = strings.Join(strings.Fields(out[i].Doc), " ")
+	}
 	return out
 }
 

@@ -112,9 +112,15 @@ Strategies:
 `)
 	for _, s := range aggregate.Strategies() {
 		fmt.Fprintf(&b, "\n  %s\n", s.Name)
-		for _, line := range strings.Split(s.Doc, "\n") {
-			b.WriteString("    " + line + "\n")
+		line := "   "
+		for _, w := range strings.Fields(s.Doc) {
+			if len(line)+1+len(w) > 78 {
+				b.WriteString(line + "\n")
+				line = "   "
+			}
+			line += " " + w
 		}
+		b.WriteString(line + "\n")
 	}
 	return b.String()
 }
