@@ -29,9 +29,6 @@ const tempPrefix = "~tmp-"
 // it: older than any upload still in flight could plausibly be.
 const staleTemp = time.Hour
 
-// maxKeyLen bounds a key, as S3 does, so keys stay portable between stores.
-const maxKeyLen = 1024
-
 // BlobStore stores blobs as files under a root directory. It is safe for
 // concurrent use.
 type BlobStore struct {
@@ -86,35 +83,8 @@ func removeStaleTemps(root string, cutoff time.Time) error {
 	})
 }
 
-// ValidKey reports whether key can name a blob, and if not, why: a relative,
-// slash-separated path of non-empty segments other than "." and "..", made of
-// letters, digits, '.', '_', '-' and '/'.
-func ValidKey(key string) error {
-	if key == "" {
-		return branchkey.Errorf(branchkey.EINVALID, "blob key is empty")
-	}
-	if len(key) > maxKeyLen {
-		return branchkey.Errorf(branchkey.EINVALID, "blob key is %d bytes long, at most %d are allowed", len(key), maxKeyLen)
-	}
-	for i := 0; i < len(key); i++ {
-		c := key[i]
-		if !(c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' || c == '.' || c == '_' || c == '-' || c == '/') {
-			return branchkey.Errorf(branchkey.EINVALID, "blob key %q has %q at byte %d; only letters, digits and . _ - / are allowed", key, c, i)
-		}
-	}
-	if key[0] == '/' {
-		return branchkey.Errorf(branchkey.EINVALID, "blob key %q is absolute", key)
-	}
-	for _, seg := range strings.Split(key, "/") {
-		switch seg {
-		case "":
-			return branchkey.Errorf(branchkey.EINVALID, "blob key %q has an empty segment", key)
-		case ".", "..":
-			return branchkey.Errorf(branchkey.EINVALID, "blob key %q has a %q segment", key, seg)
-		}
-	}
-	return nil
-}
+// ValidKey reports whether key can name a blob: branchkey.ValidBlobKey.
+func ValidKey(key string) error { return branchkey.ValidBlobKey(key) }
 
 // path returns the file name of a valid key.
 func (s *BlobStore) path(key string) string {

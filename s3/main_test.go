@@ -2,7 +2,6 @@ package s3_test
 
 import (
 	"bufio"
-	"bytes"
 	"errors"
 	"fmt"
 	"io"
@@ -10,13 +9,11 @@ import (
 	"net/http"
 	"os"
 	"os/exec"
-	"strconv"
 	"strings"
 	"testing"
 	"time"
 
-	"github.com/johannesboyne/gofakes3"
-	"github.com/johannesboyne/gofakes3/backend/s3mem"
+	"github.com/branchkey/branchkey/s3/s3test"
 )
 
 // serverEnv, when set to 1, makes the test binary run the fake S3 server
@@ -102,75 +99,18 @@ func startServer() (stop func(), err error) {
 
 // serve runs the fake server until standard input closes.
 func serve() {
-	backend := s3mem.New()
-	if err := backend.CreateBucket(testBucket); err != nil {
+	handler, err := s3test.Handler(testBucket)
+	if err != nil {
 		fmt.Fprintln(os.Stderr, err)
 		os.Exit(1)
 	}
-	faker := gofakes3.New(backend)
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		fmt.Fprintln(os.Stderr, err)
 		os.Exit(1)
 	}
 	fmt.Println(ln.Addr().String())
-	go func() { _ = http.Serve(ln, decodeChunkedParts(faker.Server())) }()
+	go func() { _ = http.Serve(ln, handler) }()
 	_, _ = io.Copy(io.Discard, os.Stdin)
 	os.Exit(0)
-}
-
-// decodeChunkedParts makes up for what gofakes3 v1.2.0 lacks: it decodes
-// aws-chunked bodies (the streaming SigV4 payload minio-go sends over plain
-// HTTP) for PutObject but not for UploadPart, and would store the chunk
-// headers in the part. This decodes them first, as S3 does.
-func decodeChunkedParts(next http.Handler) http.Handler {
-	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		if r.Method == http.MethodPut && r.URL.Query().Has("uploadId") &&
-			r.Header.Get("X-Amz-Content-Sha256") == "STREAMING-AWS4-HMAC-SHA256-PAYLOAD" {
-			raw, err := io.ReadAll(r.Body)
-			if err != nil {
-				http.Error(w, err.Error(), http.StatusBadRequest)
-				return
-			}
-			body, err := decodeAWSChunked(raw)
-			if err != nil {
-				http.Error(w, err.Error(), http.StatusBadRequest)
-				return
-			}
-			if want := r.Header.Get("X-Amz-Decoded-Content-Length"); want != strconv.Itoa(len(body)) {
-				http.Error(w, fmt.Sprintf("decoded %d bytes, the header says %s", len(body), want), http.StatusBadRequest)
-				return
-			}
-			r.Body = io.NopCloser(bytes.NewReader(body))
-			r.ContentLength = int64(len(body))
-			r.Header.Set("Content-Length", strconv.Itoa(len(body)))
-			r.Header.Set("X-Amz-Content-Sha256", "UNSIGNED-PAYLOAD")
-		}
-		next.ServeHTTP(w, r)
-	})
-}
-
-// decodeAWSChunked decodes an aws-chunked body: chunks of
-// "HEXSIZE;chunk-signature=SIG\r\nDATA\r\n", the last one empty.
-func decodeAWSChunked(raw []byte) ([]byte, error) {
-	var out []byte
-	for {
-		header, rest, ok := bytes.Cut(raw, []byte("\r\n"))
-		if !ok {
-			return nil, errors.New("aws-chunked: a chunk header has no CRLF")
-		}
-		sizeHex, _, _ := bytes.Cut(header, []byte(";"))
-		size, err := strconv.ParseInt(string(sizeHex), 16, 64)
-		if err != nil || size < 0 || size+2 > int64(len(rest)) {
-			return nil, fmt.Errorf("aws-chunked: bad chunk header %q", header)
-		}
-		if size == 0 {
-			return out, nil
-		}
-		out = append(out, rest[:size]...)
-		if !bytes.HasPrefix(rest[size:], []byte("\r\n")) {
-			return nil, errors.New("aws-chunked: a chunk does not end in CRLF")
-		}
-		raw = rest[size+2:]
-	}
 }

@@ -44,7 +44,6 @@ import (
 	"github.com/minio/minio-go/v7/pkg/s3utils"
 
 	"github.com/branchkey/branchkey"
-	"github.com/branchkey/branchkey/file"
 )
 
 var _ branchkey.BlobStore = (*BlobStore)(nil)
@@ -202,7 +201,7 @@ func (c Config) validate() error {
 		return branchkey.Errorf(branchkey.EINVALID, "bucket name %q: %v", c.Bucket, err)
 	}
 	if c.Prefix != "" {
-		if err := file.ValidKey(c.Prefix); err != nil {
+		if err := branchkey.ValidBlobKey(c.Prefix); err != nil {
 			return branchkey.Errorf(branchkey.EINVALID, "key prefix: %s", branchkey.ErrorMessage(err))
 		}
 	}
@@ -292,7 +291,7 @@ func (s *BlobStore) putOptions() minio.PutObjectOptions {
 // ctx governs the whole write: once it is done, Write and Commit fail and
 // the upload is aborted. EINVALID for a bad key.
 func (s *BlobStore) Create(ctx context.Context, key string) (branchkey.BlobWriter, error) {
-	if err := file.ValidKey(key); err != nil {
+	if err := branchkey.ValidBlobKey(key); err != nil {
 		return nil, err
 	}
 	if err := ctx.Err(); err != nil {
@@ -305,7 +304,7 @@ func (s *BlobStore) Create(ctx context.Context, key string) (branchkey.BlobWrite
 // within ctx. ENOTFOUND if there is none, EINVALID for a bad key,
 // EUNAVAILABLE when the server cannot be reached.
 func (s *BlobStore) Open(ctx context.Context, key string) (branchkey.Blob, error) {
-	if err := file.ValidKey(key); err != nil {
+	if err := branchkey.ValidBlobKey(key); err != nil {
 		return nil, err
 	}
 	if err := ctx.Err(); err != nil {
@@ -324,7 +323,7 @@ func (s *BlobStore) Open(ctx context.Context, key string) (branchkey.Blob, error
 // Delete removes the blob under key; a missing key is not an error.
 // EINVALID for a bad key, EUNAVAILABLE when the server cannot be reached.
 func (s *BlobStore) Delete(ctx context.Context, key string) error {
-	if err := file.ValidKey(key); err != nil {
+	if err := branchkey.ValidBlobKey(key); err != nil {
 		return err
 	}
 	if err := ctx.Err(); err != nil {

@@ -18,7 +18,9 @@ import (
 	"github.com/branchkey/branchkey"
 	"github.com/branchkey/branchkey/file"
 	"github.com/branchkey/branchkey/httpapi"
+	"github.com/branchkey/branchkey/postgres"
 	"github.com/branchkey/branchkey/rabbitmq"
+	"github.com/branchkey/branchkey/s3"
 	"github.com/branchkey/branchkey/service"
 	"github.com/branchkey/branchkey/sqlite"
 	"github.com/dustin/go-humanize"
@@ -69,8 +71,8 @@ func DefaultConfig() Config {
 func (c *Config) bindFlags(fs *pflag.FlagSet) {
 	fs.StringVar(&c.Addr, "addr", c.Addr, "address to listen on")
 	fs.StringVar(&c.Data, "data", c.Data, "data directory: the SQLite database and files live here unless --database/--blobs say otherwise")
-	fs.StringVar(&c.Database, "database", c.Database, "metadata store: a SQLite file path (default DATA/branchkey.db)")
-	fs.StringVar(&c.Blobs, "blobs", c.Blobs, "file store: file:///DIR (default file://DATA/blobs)")
+	fs.StringVar(&c.Database, "database", c.Database, "metadata store: a SQLite file path (default DATA/branchkey.db) or postgres://USER@HOST:5432/DB")
+	fs.StringVar(&c.Blobs, "blobs", c.Blobs, "file store: file:///DIR (default file://DATA/blobs) or s3://BUCKET[/PREFIX]?endpoint=HOST:PORT&region=R&insecure=true (credentials from AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY)")
 	fs.StringVar(&c.AdminTokenFile, "admin-token-file", c.AdminTokenFile, "file holding the admin API token (or set BRANCHKEY_ADMIN_TOKEN)")
 	fs.DurationVar(&c.TokenTTL, "token-ttl", c.TokenTTL, "lifetime of a leaf's access token")
 	fs.StringVar(&c.MaxUpload, "max-upload", c.MaxUpload, "largest accepted weights file (e.g. 4GiB, 500MB)")
@@ -165,7 +167,7 @@ func (m *Main) Run(ctx context.Context) (err error) {
 	if m.Store, err = openStore(ctx, c); err != nil {
 		return err
 	}
-	if m.Blobs, err = openBlobs(c); err != nil {
+	if m.Blobs, err = openBlobs(ctx, c); err != nil {
 		return err
 	}
 	cfg := service.Config{TokenTTL: c.TokenTTL, MaxUploadBytes: int64(maxUpload), ClaimLease: c.ClaimLease, PollInterval: c.PollInterval}
@@ -267,7 +269,11 @@ func openStore(ctx context.Context, c *Config) (branchkey.Store, error) {
 		db = filepath.Join(c.Data, "branchkey.db")
 	}
 	if strings.HasPrefix(db, "postgres://") || strings.HasPrefix(db, "postgresql://") {
-		return nil, errors.New("--database: PostgreSQL is not supported by this build yet")
+		s, err := postgres.Open(ctx, db)
+		if err != nil {
+			return nil, fmt.Errorf("open database %s: %w", redact(db), err)
+		}
+		return s, nil
 	}
 	db = strings.TrimPrefix(db, "sqlite://")
 	s, err := sqlite.Open(ctx, db)
@@ -277,7 +283,7 @@ func openStore(ctx context.Context, c *Config) (branchkey.Store, error) {
 	return s, nil
 }
 
-func openBlobs(c *Config) (branchkey.BlobStore, error) {
+func openBlobs(ctx context.Context, c *Config) (branchkey.BlobStore, error) {
 	spec := c.Blobs
 	if spec == "" {
 		spec = "file://" + filepath.Join(c.Data, "blobs")
@@ -297,8 +303,18 @@ func openBlobs(c *Config) (branchkey.BlobStore, error) {
 			return nil, fmt.Errorf("open file store %s: %w", dir, err)
 		}
 		return bs, nil
+	case "s3":
+		cfg, err := s3.ParseURL(spec)
+		if err != nil {
+			return nil, fmt.Errorf("--blobs: %w", err)
+		}
+		bs, err := s3.New(ctx, cfg)
+		if err != nil {
+			return nil, fmt.Errorf("open S3 store %s: %w", cfg, err)
+		}
+		return bs, nil
 	}
-	return nil, fmt.Errorf("--blobs %q: use file:///DIR", spec)
+	return nil, fmt.Errorf("--blobs %q: use file:///DIR or s3://BUCKET[/PREFIX]?endpoint=HOST:PORT", spec)
 }
 
 // openRabbitMQ opens the broker provisioning and the notifier.
