@@ -364,7 +364,9 @@ func TestDisruptivePostgresRestart(t *testing.T) {
 			t.Fatalf("pg_ctlcluster %s: %v\n%s", action, err, out)
 		}
 	}
-	t.Cleanup(func() { exec.Command("bash", "-c", "pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql | head -1) main start").Run() })
+	t.Cleanup(func() {
+		exec.Command("bash", "-c", "pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql | head -1) main start").Run()
+	})
 	type acked struct {
 		leaf int
 		id   string
@@ -451,4 +453,3 @@ func loginSpread(tb testing.TB, rs *replicaSet, tree, branch string, created []t
 	}
 	return ls
 }
-
