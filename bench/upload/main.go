@@ -1,9 +1,11 @@
-// Command upload is the load generator of bench/upload.sh: many leaves
-// uploading weights files at once over loopback, against branchkey or
-// against a bare handler that only writes and fsyncs the body.
+// Command upload is the load generator of bench/upload.sh and
+// bench/replicas.sh: many leaves uploading weights files at once over
+// loopback, against branchkey or against a bare handler that only writes
+// and fsyncs the body.
 //
 //	upload bare -addr 127.0.0.1:9100 -dir DIR
 //	upload load -server URL [-admin-token T] [-leaves 50] [-mb 40] [-bare]
+//	upload rounds -servers URL,URL,... -admin-token T [-leaves 300] [-mb 4] [-rounds 3]
 package main
 
 import (
@@ -19,6 +21,7 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -36,6 +39,8 @@ func main() {
 		bare(os.Args[2:])
 	case "load":
 		load(os.Args[2:])
+	case "rounds":
+		rounds(os.Args[2:])
 	default:
 		log.Fatalf("unknown mode %q", os.Args[1])
 	}
@@ -90,6 +95,7 @@ func bare(args []string) {
 
 type leaf struct {
 	name, password, id, token string
+	server                    string
 }
 
 func load(args []string) {
@@ -213,4 +219,94 @@ func upload(server string, l *leaf, file []byte) error {
 		return fmt.Errorf("%d %s", resp.StatusCode, b)
 	}
 	return nil
+}
+
+// rounds runs whole rounds: every leaf (spread over the servers) uploads,
+// the round aggregates. It reports the ingest rate of each round (bytes of
+// all uploads over the time from the first upload's start to the last
+// one's 201) and its latency (from the last 201 to the aggregation being
+// recorded, as the admin API shows it).
+func rounds(args []string) {
+	fs := flag.NewFlagSet("rounds", flag.ExitOnError)
+	servers := fs.String("servers", "http://127.0.0.1:8080", "comma-separated server URLs; leaf i uses server i mod n")
+	token := fs.String("admin-token", os.Getenv("BRANCHKEY_ADMIN_TOKEN"), "admin token")
+	nLeaves := fs.Int("leaves", 300, "leaves")
+	mb := fs.Float64("mb", 4, "update size in MB")
+	nRounds := fs.Int("rounds", 3, "rounds")
+	conc := fs.Int("concurrency", 100, "uploads in flight at once")
+	fs.Parse(args)
+	ctx := context.Background()
+	urls := strings.Split(*servers, ",")
+	a, err := client.NewAdmin(urls[0], *token, nil)
+	if err != nil {
+		log.Fatal(err)
+	}
+	tree := fmt.Sprintf("bench-%d", time.Now().UnixNano())
+	if _, err := a.CreateTree(ctx, tree); err != nil {
+		log.Fatal(err)
+	}
+	if _, err := a.CreateBranch(ctx, tree, client.BranchSpec{ID: "b", MinUpdates: nLeaves}); err != nil {
+		log.Fatal(err)
+	}
+	ls := make([]*leaf, *nLeaves)
+	sem := make(chan struct{}, 8)
+	var wg sync.WaitGroup
+	for i := range ls {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			sem <- struct{}{}
+			defer func() { <-sem }()
+			nl, err := a.CreateLeaf(ctx, tree, "b", fmt.Sprintf("%s-leaf%d", tree, i), "")
+			if err != nil {
+				log.Fatal(err)
+			}
+			l := &leaf{name: nl.Name, password: nl.Password, server: urls[i%len(urls)]}
+			if err := login(l.server, l, tree); err != nil {
+				log.Fatal(err)
+			}
+			ls[i] = l
+		}()
+	}
+	wg.Wait()
+	params := int(*mb * 1e6 / 4)
+	u := &weights.Update{NumSamples: 10, Tensors: []weights.Tensor{{DType: weights.Float32, Shape: []int{params}, Data: make([]byte, 4*params)}}}
+	var file bytes.Buffer
+	if err := weights.Encode(&file, u); err != nil {
+		log.Fatal(err)
+	}
+	for r := 1; r <= *nRounds; r++ {
+		start := time.Now()
+		sem := make(chan struct{}, *conc)
+		for _, l := range ls {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				sem <- struct{}{}
+				defer func() { <-sem }()
+				if err := upload(l.server, l, file.Bytes()); err != nil {
+					log.Fatalf("round %d: %v", r, err)
+				}
+			}()
+		}
+		wg.Wait()
+		ingest := time.Since(start)
+		acked := time.Now()
+		var aggSec float64
+		var mode string
+		for {
+			aggs, err := a.ListAggregations(ctx, tree, "b")
+			if err == nil && len(aggs) >= r {
+				aggSec, mode = aggs[r-1].Duration.Seconds(), aggs[r-1].Mode
+				break
+			}
+			time.Sleep(5 * time.Millisecond)
+		}
+		latency := time.Since(acked)
+		json.NewEncoder(os.Stdout).Encode(map[string]any{
+			"round": r, "servers": len(urls), "leaves": len(ls), "bytes_each": file.Len(),
+			"ingest_s": ingest.Seconds(), "ingest_mb_per_s": float64(len(ls)*file.Len()) / ingest.Seconds() / 1e6,
+			"round_latency_s": latency.Seconds(), "aggregation_s": aggSec, "mode": mode,
+		})
+	}
 }
