@@ -20,6 +20,13 @@ import (
 // once; noise is added at the end). Median, trimmed-mean, krum and
 // multi-krum need all updates at once and run only through Aggregate.
 //
+// Updates are summed in the order they are added. Aggregate sorts its
+// inputs by name first, so its result is the same whatever their order; an
+// Accumulator's can differ in the last bit of a float64 sum when the same
+// updates arrive in another order (a float32 result, rounded from it, only
+// when that bit decides a rounding), and equals Aggregate's when they are
+// added in name order.
+//
 // An Accumulator is safe for concurrent use; Adds are serialized.
 type Accumulator struct {
 	mu      sync.Mutex
