@@ -82,6 +82,11 @@ func (d *download) finish(path string) error {
 	if d.done == 0 {
 		return clientError(branchkey.EINVALID, "the server sent an empty file")
 	}
+	// CreateTemp made it private; the file is for the training code, as
+	// any file the leaf writes would be.
+	if err := d.f.Chmod(0o644); err != nil {
+		return err
+	}
 	if err := d.f.Sync(); err != nil {
 		return err
 	}
