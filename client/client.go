@@ -254,7 +254,11 @@ func (c *Client) Transport() Transport {
 // broker host and over Server-Sent Events otherwise. A session given with
 // WithSession is adopted instead of logging in, the first time. The
 // consumer runs, reconnecting as needed, until Logout or Close, whatever
-// happens to ctx; ctx bounds the login only.
+// happens to ctx; ctx bounds the login only. Read Updates: the consumer
+// waits for each notification to be taken (with AMQP, the broker then
+// holds the next ones). A program that only moves files should use
+// WithoutConsumer, or not call Login at all: file calls log in by
+// themselves.
 //
 // Errors: EUNAUTHORIZED for a wrong name or password, EFORBIDDEN when the
 // tree or branch is not the leaf's, EUNAVAILABLE when the server or the

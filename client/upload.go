@@ -121,14 +121,22 @@ func (c *Client) FileUpload(ctx context.Context, path string, opts ...UploadOpti
 	total := int64(len(head)) + fi.Size() + int64(len(tail))
 	var fileID string
 	attempt := 0
+	var done int64
+	report := func(p Progress) {
+		done = p.Done
+		c.report(p)
+	}
 	err = c.call(ctx, func(s *Session) error {
 		attempt++
-		c.report(Progress{Op: "upload", Name: name, Total: total, Attempt: attempt})
-		id, err := c.uploadOnce(ctx, s, path, fi.Size(), head, tail, contentType, o.key, name, total, attempt)
+		report(Progress{Op: "upload", Name: name, Total: total, Attempt: attempt})
+		id, err := c.uploadOnce(ctx, s, path, fi.Size(), head, tail, contentType, o.key, name, total, attempt, report)
 		fileID = id
 		return err
 	})
-	c.report(Progress{Op: "upload", Name: name, Done: total, Total: total, Attempt: attempt, Finished: true, Err: err})
+	if err == nil {
+		done = total // an answer to a repeated key comes before the body
+	}
+	c.report(Progress{Op: "upload", Name: name, Done: done, Total: total, Attempt: attempt, Finished: true, Err: err})
 	if err != nil {
 		return "", fmt.Errorf("upload %s: %w", path, err)
 	}
@@ -167,7 +175,7 @@ func multipartFrame(leafName, metadata, filename string) (head, tail []byte, con
 }
 
 // uploadOnce sends the file once.
-func (c *Client) uploadOnce(ctx context.Context, s *Session, path string, size int64, head, tail []byte, contentType, key, name string, total int64, attempt int) (string, error) {
+func (c *Client) uploadOnce(ctx context.Context, s *Session, path string, size int64, head, tail []byte, contentType, key, name string, total int64, attempt int, report func(Progress)) (string, error) {
 	f, err := os.Open(path)
 	if err != nil {
 		return "", err
@@ -179,7 +187,7 @@ func (c *Client) uploadOnce(ctx context.Context, s *Session, path string, size i
 		r:   io.MultiReader(bytes.NewReader(head), &exactReader{r: io.NewSectionReader(f, 0, size), left: size}, bytes.NewReader(tail)),
 		dog: dog,
 		report: func(done int64) {
-			c.report(Progress{Op: "upload", Name: name, Done: done, Total: total, Attempt: attempt})
+			report(Progress{Op: "upload", Name: name, Done: done, Total: total, Attempt: attempt})
 		},
 	}
 	// The transport may still read the body after Do returned (when the

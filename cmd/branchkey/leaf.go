@@ -586,6 +586,9 @@ type bars struct {
 func newBars(w io.Writer) *bars { return &bars{w: w} }
 
 func (b *bars) report(p client.Progress) {
+	if b.bar == nil && (p.Finished || (p.Total < 0 && p.Done == 0)) {
+		return // nothing drawn yet: a download before its answer, or a failure
+	}
 	if b.bar == nil || p.Attempt != b.attempt || p.Name != b.name || (p.Total >= 0 && b.bar.GetMax64() != p.Total) {
 		if b.bar != nil {
 			_ = b.bar.Exit()
