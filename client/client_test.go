@@ -14,6 +14,7 @@ import (
 
 	"github.com/branchkey/branchkey"
 	"github.com/branchkey/branchkey/client"
+	"github.com/branchkey/branchkey/rabbitmq"
 	"github.com/branchkey/branchkey/weights"
 )
 
@@ -324,4 +325,36 @@ func TestClient_Errors(t *testing.T) {
 			t.Fatalf("FileUpload = %v", err)
 		}
 	})
+}
+
+// TestClient_AMQPDedupe publishes a message twice with the same
+// message_id, as an at-least-once relay may: the leaf gets it once.
+func TestClient_AMQPDedupe(t *testing.T) {
+	amqpURL, _ := testBroker(t)
+	ts := MustServer(t, true)
+	creds := MustBranch(t, ts, 3, 1)
+	ctx := ctxT(t)
+	c := MustClient(t, ts, creds[0])
+	if err := c.Login(ctx); err != nil {
+		t.Fatal(err)
+	}
+	n, err := rabbitmq.NewNotifier(amqpURL, testLogger(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer n.Close()
+	msg := func(id string, status branchkey.RunStatus) *branchkey.Message {
+		return &branchkey.Message{ID: id, TreeID: creds[0].TreeID, BranchID: creds[0].BranchID, Type: branchkey.MessageRunStatus,
+			Body: []byte(`{"run_status": "` + string(status) + `", "run_number": 1, "round": 1}`)}
+	}
+	for _, m := range []*branchkey.Message{msg("dup-1", branchkey.RunPaused), msg("dup-1", branchkey.RunPaused), msg("dup-2", branchkey.RunStarted)} {
+		if err := n.Publish(ctx, m); err != nil {
+			t.Fatal(err)
+		}
+	}
+	first := next(t, c, branchkey.MessageRunStatus, 30*time.Second)
+	second := next(t, c, branchkey.MessageRunStatus, 30*time.Second)
+	if first.ID != "dup-1" || first.RunStatus != branchkey.RunPaused || second.ID != "dup-2" || second.RunStatus != branchkey.RunStarted {
+		t.Fatalf("got %+v then %+v", first, second)
+	}
 }

@@ -2,7 +2,9 @@ package client_test
 
 import (
 	"bytes"
+	"context"
 	"errors"
+	"fmt"
 	"io"
 	"net"
 	"net/http"
@@ -512,3 +514,89 @@ func TestClient_Memory(t *testing.T) {
 			largeAlloc>>10, smallAlloc>>10, largePeak>>10)
 	}
 }
+
+// TestFileDownload_Cancelled stops a download halfway: the call returns
+// the context's error and leaves no partial file.
+func TestFileDownload_Cancelled(t *testing.T) {
+	src := MustWeights(t, t.TempDir(), "big.npy", 8<<20, false)
+	ts := MustServer(t, false)
+	creds := MustBranch(t, ts, 3, 1)
+	ctx, cancel := context.WithCancel(ctxT(t))
+	defer cancel()
+	id, err := MustClient(t, ts, creds[0]).FileUpload(ctx, src)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := MustClient(t, ts, creds[0], client.WithProgress(func(p client.Progress) {
+		if p.Op == "download" && p.Done > 1<<20 {
+			cancel()
+		}
+	}))
+	if _, err := c.FileDownload(ctx, id); !errors.Is(err, context.Canceled) {
+		t.Fatalf("FileDownload = %v", err)
+	}
+	if entries, _ := os.ReadDir(c.DownloadDir()); len(entries) != 0 {
+		t.Errorf("a cancelled download left %v", entries)
+	}
+}
+
+// TestClient_SSEReconnect ends the event stream right after it carried an
+// aggregation: the consumer reconnects with Last-Event-ID and every
+// aggregation arrives once, in order.
+func TestClient_SSEReconnect(t *testing.T) {
+	var cuts atomic.Int32
+	cutAfterAggregation := func(next http.Handler) http.Handler {
+		return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			if r.URL.Path != "/v1/events" || cuts.Load() >= 2 {
+				next.ServeHTTP(w, r)
+				return
+			}
+			ctx, cancel := context.WithCancel(r.Context())
+			defer cancel()
+			next.ServeHTTP(&endAfter{ResponseWriter: w, marker: []byte("aggregation_status"), end: func() {
+				cuts.Add(1)
+				cancel()
+			}}, r.WithContext(ctx))
+		})
+	}
+	ts := MustServer(t, false, cutAfterAggregation)
+	creds := MustBranch(t, ts, 1, 1)
+	ctx := ctxT(t)
+	c := MustClient(t, ts, creds[0])
+	if err := c.Login(ctx); err != nil {
+		t.Fatal(err)
+	}
+	var got []int
+	for round := 1; round <= 3; round++ {
+		if _, err := c.FileUpload(ctx, filepath.Join(fixtures, "round_0", "leaf0.npy")); err != nil {
+			t.Fatal(err)
+		}
+		got = append(got, next(t, c, branchkey.MessageAggregationStatus, 30*time.Second).Round)
+	}
+	select {
+	case n := <-c.Updates():
+		t.Fatalf("a fourth notification: %+v", n)
+	case <-time.After(500 * time.Millisecond):
+	}
+	if fmt.Sprint(got) != "[1 2 3]" || cuts.Load() != 2 {
+		t.Fatalf("rounds %v after %d cut streams", got, cuts.Load())
+	}
+}
+
+// endAfter calls end once a write carried marker.
+type endAfter struct {
+	http.ResponseWriter
+	marker []byte
+	end    func()
+	once   sync.Once
+}
+
+func (e *endAfter) Write(p []byte) (int, error) {
+	n, err := e.ResponseWriter.Write(p)
+	if bytes.Contains(p, e.marker) {
+		e.once.Do(e.end)
+	}
+	return n, err
+}
+
+func (e *endAfter) Unwrap() http.ResponseWriter { return e.ResponseWriter }
