@@ -90,7 +90,7 @@ type Client struct {
 	// seen holds the AMQP message ids delivered lately.
 	seen    *seenIDs
 	updates chan Notification
-	used    bool // updates was handed to a consumer that has stopped
+	started bool // a consumer was started on updates
 	stop    context.CancelFunc
 	done    chan struct{}
 	err     error

@@ -358,3 +358,32 @@ func TestClient_AMQPDedupe(t *testing.T) {
 		t.Fatalf("got %+v then %+v", first, second)
 	}
 }
+
+// TestClient_LoginAgain logs in, out, and in again with one client: the
+// second login's Updates is a new channel that delivers.
+func TestClient_LoginAgain(t *testing.T) {
+	ts := MustServer(t, false)
+	creds := MustBranch(t, ts, 1, 1)
+	ctx := ctxT(t)
+	c := MustClient(t, ts, creds[0])
+	if err := c.Login(ctx); err != nil {
+		t.Fatal(err)
+	}
+	first := c.Updates()
+	if err := c.Logout(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if _, ok := <-first; ok {
+		t.Fatal("Updates open after Logout")
+	}
+	if err := c.Login(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if c.Updates() == first {
+		t.Fatal("the second login reuses the closed channel")
+	}
+	if _, err := c.FileUpload(ctx, filepath.Join(fixtures, "round_0", "leaf0.npy")); err != nil {
+		t.Fatal(err)
+	}
+	next(t, c, branchkey.MessageAggregationStatus, 30*time.Second)
+}

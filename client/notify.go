@@ -117,10 +117,12 @@ func (c *Client) startConsumer(ctx context.Context) {
 	if c.stop != nil {
 		return
 	}
-	if c.used {
+	if c.started {
+		// The last consumer closes its channel (or has): a new one, so a
+		// Login racing a Logout cannot send on a closed channel.
 		c.updates = make(chan Notification, c.bufSize)
-		c.used = false
 	}
+	c.started = true
 	c.err = nil
 	out := c.updates
 	conn, name := c.consumeSSE, "sse"
@@ -134,8 +136,9 @@ func (c *Client) startConsumer(ctx context.Context) {
 		defer close(done)
 		err := c.consume(cctx, name, conn, out)
 		c.mu.Lock()
-		c.err = err
-		c.used = true
+		if c.updates == out {
+			c.err = err
+		}
 		c.mu.Unlock()
 		close(out)
 	}()
