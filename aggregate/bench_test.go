@@ -92,3 +92,30 @@ func BenchmarkAggregate(b *testing.B) {
 		})
 	}
 }
+
+// BenchmarkAccumulatorAdd measures the incremental path: one 4M-parameter
+// float32 update folded per Add, with the NaN check (as a Config refuses
+// them by default) and without (as the server, which checked on upload).
+func BenchmarkAccumulatorAdd(b *testing.B) {
+	paths := MustWriteRandomUpdates(b, b.TempDir(), 1, 4<<20, 8, 3)
+	in := MustFileInput(b, paths[0])
+	for _, allow := range []bool{false, true} {
+		b.Run(fmt.Sprintf("allow-non-finite=%v", allow), func(b *testing.B) {
+			cfg := MustConfig(b, "fedavg", nil)
+			cfg.AllowNonFinite = allow
+			acc, err := aggregate.NewAccumulator(context.Background(), cfg)
+			if err != nil {
+				b.Fatal(err)
+			}
+			b.SetBytes(in.Size)
+			i := 0
+			for b.Loop() {
+				in.Name = fmt.Sprint(i)
+				i++
+				if err := acc.Add(context.Background(), in); err != nil {
+					b.Fatal(err)
+				}
+			}
+		})
+	}
+}
