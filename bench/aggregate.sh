@@ -49,9 +49,9 @@ go build -o "$BK" ./cmd/branchkey
 echo "machine: $(nproc) cores, $(uname -r), $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), load average $(cut -d' ' -f1-3 /proc/loadavg)"
 echo "numpy $("$PYTHON" -c 'import numpy; print(numpy.__version__)'), $(go version | cut -d' ' -f3)"
 
-# timed LOG CMD...: runs CMD under /usr/bin/time -v; leaves "seconds kib" in
-# $LOG: the wall time measured around it (time -v prints only centiseconds)
-# and time -v's peak RSS.
+# timed LOG CMD...: runs CMD under /usr/bin/time -v; leaves "seconds kib cpu"
+# in $LOG: the wall time measured around it (time -v prints only
+# centiseconds), time -v's peak RSS and user+system CPU seconds.
 timed() {
 	local log=$1
 	shift
@@ -64,11 +64,12 @@ timed() {
 	local t1=$EPOCHREALTIME
 	awk -F': ' -v t0="$t0" -v t1="$t1" '
 		/Maximum resident set size/ { k = $2 }
-		END { printf "%.3f %d\n", t1 - t0, k }' "$log.time" >"$log"
+		/User time \(seconds\)|System time \(seconds\)/ { c += $2 }
+		END { printf "%.3f %d %.2f\n", t1 - t0, k, c }' "$log.time" >"$log"
 }
 
 # bench_tool NAME OUT CMD...: runs CMD REPEAT times (removing OUT before
-# each run) and prints "best median max-rss-kib".
+# each run) and prints "best median max-rss-kib min-cpu".
 bench_tool() {
 	local name=$1 out=$2
 	shift 2
@@ -79,8 +80,8 @@ bench_tool() {
 		runs+=("$(cat "$WORK/$name.$r")")
 	done
 	printf '%s\n' "${runs[@]}" | sort -n -k1,1 | awk '
-		{ s[NR] = $1; if ($2 > k) k = $2 }
-		END { printf "%s %s %d\n", s[1], s[int((NR + 1) / 2)], k }'
+		{ s[NR] = $1; if ($2 > k) k = $2; if (NR == 1 || $3 < c) c = $3 }
+		END { printf "%s %s %d %s\n", s[1], s[int((NR + 1) / 2)], k, c }'
 }
 
 # agree A B MAXULP: "yes" when the two updates have the same num_samples,
@@ -108,7 +109,7 @@ EOF
 }
 
 declare -a ROWS
-FMT='%-12s %-13s %7s %7s %6s %8s %13s %13s  %s'
+FMT='%-12s %-13s %7s %7s %6s %6s %8s %13s %13s  %s'
 goals_ok=1
 for c in $CASES; do
 	leaves=${c%x*}
@@ -123,9 +124,9 @@ for c in $CASES; do
 	bytes=$(cat "${files[@]}" | wc -c)
 	update_bytes=$(stat -c %s "${files[0]}")
 	echo "running $leaves x $params ($((bytes / 1048576)) MiB of updates) ..."
-	read -r t_all m_all k_all < <(bench_tool np_all "$WORK/np_all.npy" "$PYTHON" "$PEER" run "$WORK/np_all.npy" "${files[@]}" --mode all)
-	read -r t_str m_str k_str < <(bench_tool np_stream "$WORK/np_stream.npy" "$PYTHON" "$PEER" run "$WORK/np_stream.npy" "${files[@]}" --mode stream)
-	read -r t_bk m_bk k_bk < <(bench_tool bk "$WORK/bk.npy" "$BK" aggregate -o "$WORK/bk.npy" "${files[@]}")
+	read -r t_all m_all k_all c_all < <(bench_tool np_all "$WORK/np_all.npy" "$PYTHON" "$PEER" run "$WORK/np_all.npy" "${files[@]}" --mode all)
+	read -r t_str m_str k_str c_str < <(bench_tool np_stream "$WORK/np_stream.npy" "$PYTHON" "$PEER" run "$WORK/np_stream.npy" "${files[@]}" --mode stream)
+	read -r t_bk m_bk k_bk c_bk < <(bench_tool bk "$WORK/bk.npy" "$BK" aggregate -o "$WORK/bk.npy" "${files[@]}")
 	ag_all=$(agree "$WORK/bk.npy" "$WORK/np_all.npy" $((leaves + 1)))
 	ag_str=$(agree "$WORK/bk.npy" "$WORK/np_stream.npy" 1)
 	r_all=$(awk -v a="$t_all" -v b="$t_bk" 'BEGIN { printf "%.1f", a / b }')
@@ -139,17 +140,18 @@ for c in $CASES; do
 	mib() { awk -v k="$1" 'BEGIN { printf "%.0f", k / 1024 }'; }
 	mr_all=$(awk -v a="$m_all" -v b="$m_bk" 'BEGIN { printf "%.1f", a / b }')
 	mr_str=$(awk -v a="$m_str" -v b="$m_bk" 'BEGIN { printf "%.1f", a / b }')
-	ROWS+=("$(printf "$FMT" "${leaves}x${params}" numpy-all "$t_all" "$m_all" "$(gbps "$t_all")" "$(mib "$k_all")" "" "" "")")
-	ROWS+=("$(printf "$FMT" "" numpy-stream "$t_str" "$m_str" "$(gbps "$t_str")" "$(mib "$k_str")" "" "" "")")
-	ROWS+=("$(printf "$FMT" "" branchkey "$t_bk" "$m_bk" "$(gbps "$t_bk")" "$(mib "$k_bk")" "${r_all}x (${mr_all}x)" "${r_str}x (${mr_str}x)" "vs all: $ag_all; vs stream: $ag_str")")
-	ROWS+=("$(printf "$FMT" "" "goal" "" "" "" "<=$(mib "$rss_goal")" ">=12x" ">=5x" "$verdict")")
+	ROWS+=("$(printf "$FMT" "${leaves}x${params}" numpy-all "$t_all" "$m_all" "$c_all" "$(gbps "$t_all")" "$(mib "$k_all")" "" "" "")")
+	ROWS+=("$(printf "$FMT" "" numpy-stream "$t_str" "$m_str" "$c_str" "$(gbps "$t_str")" "$(mib "$k_str")" "" "" "")")
+	ROWS+=("$(printf "$FMT" "" branchkey "$t_bk" "$m_bk" "$c_bk" "$(gbps "$t_bk")" "$(mib "$k_bk")" "${r_all}x (${mr_all}x)" "${r_str}x (${mr_str}x)" "vs all: $ag_all; vs stream: $ag_str")")
+	ROWS+=("$(printf "$FMT" "" "goal" "" "" "" "" "<=$(mib "$rss_goal")" ">=12x" ">=5x" "$verdict")")
 done
 
 echo
-printf "$FMT\n" case tool best median GB/s "RSS MiB" "vs all" "vs stream" "agree (within float32 rounding)"
+printf "$FMT\n" case tool best median cpu GB/s "RSS MiB" "vs all" "vs stream" "agree (within float32 rounding)"
 printf '%s\n' "${ROWS[@]}"
 echo
 echo "best, median: wall seconds of $REPEAT runs, process start to exit, files warm in the page cache;"
+echo "cpu: the least user+system CPU seconds of a run (the load of other processes moves it least);"
 echo "GB/s: update bytes / best; ratios: numpy's best / branchkey's best (medians in parentheses);"
 echo "RSS: largest peak resident set of the runs (/usr/bin/time -v); goal: 1.2 x one update + 64 MiB."
 [[ $goals_ok == 1 ]] && echo "all goals met" || echo "some goals missed"
