@@ -46,6 +46,32 @@ echo "work directory: $WORK$([[ ${BENCH_KEEP:-} == 1 || -n ${BENCH_DIR:-} ]] && 
 
 BK=$WORK/branchkey
 go build -o "$BK" ./cmd/branchkey
+
+# The issue's yardstick: one thread that only reads the bytes and sums them
+# as float32 (about 0.18 s for 10 x 10M on this machine when it is idle).
+# Built when a C compiler is at hand; it tells how busy the machine is.
+CSUM=
+if command -v cc >/dev/null; then
+	cat >"$WORK/readsum.c" <<'EOF'
+#include <fcntl.h>
+#include <stdio.h>
+#include <unistd.h>
+int main(int argc, char **argv) {
+	static float buf[1 << 18];
+	double s = 0;
+	for (int i = 1; i < argc; i++) {
+		int fd = open(argv[i], O_RDONLY);
+		ssize_t n;
+		while ((n = read(fd, buf, sizeof buf)) > 0)
+			for (ssize_t j = 0; j < n / 4; j++) s += buf[j];
+		close(fd);
+	}
+	printf("%g\n", s);
+	return 0;
+}
+EOF
+	cc -O2 -o "$WORK/readsum" "$WORK/readsum.c" && CSUM=$WORK/readsum
+fi
 echo "machine: $(nproc) cores, $(uname -r), $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), load average $(cut -d' ' -f1-3 /proc/loadavg)"
 echo "numpy $("$PYTHON" -c 'import numpy; print(numpy.__version__)'), $(go version | cut -d' ' -f3)"
 
@@ -126,6 +152,9 @@ for c in $CASES; do
 	echo "running $leaves x $params ($((bytes / 1048576)) MiB of updates) ..."
 	read -r t_all m_all k_all c_all < <(bench_tool np_all "$WORK/np_all.npy" "$PYTHON" "$PEER" run "$WORK/np_all.npy" "${files[@]}" --mode all)
 	read -r t_str m_str k_str c_str < <(bench_tool np_stream "$WORK/np_stream.npy" "$PYTHON" "$PEER" run "$WORK/np_stream.npy" "${files[@]}" --mode stream)
+	if [[ -n $CSUM ]]; then
+		read -r t_c m_c k_c c_c < <(bench_tool c_readsum "$WORK/none" "$CSUM" "${files[@]}")
+	fi
 	read -r t_bk m_bk k_bk c_bk < <(bench_tool bk "$WORK/bk.npy" "$BK" aggregate -o "$WORK/bk.npy" "${files[@]}")
 	ag_all=$(agree "$WORK/bk.npy" "$WORK/np_all.npy" $((leaves + 1)))
 	ag_str=$(agree "$WORK/bk.npy" "$WORK/np_stream.npy" 1)
@@ -142,6 +171,9 @@ for c in $CASES; do
 	mr_str=$(awk -v a="$m_str" -v b="$m_bk" 'BEGIN { printf "%.1f", a / b }')
 	ROWS+=("$(printf "$FMT" "${leaves}x${params}" numpy-all "$t_all" "$m_all" "$c_all" "$(gbps "$t_all")" "$(mib "$k_all")" "" "" "")")
 	ROWS+=("$(printf "$FMT" "" numpy-stream "$t_str" "$m_str" "$c_str" "$(gbps "$t_str")" "$(mib "$k_str")" "" "" "")")
+	if [[ -n $CSUM ]]; then
+		ROWS+=("$(printf "$FMT" "" "C read+sum" "$t_c" "$m_c" "$c_c" "$(gbps "$t_c")" "$(mib "$k_c")" "" "" "(one thread, reads and sums only: a yardstick)")")
+	fi
 	ROWS+=("$(printf "$FMT" "" branchkey "$t_bk" "$m_bk" "$c_bk" "$(gbps "$t_bk")" "$(mib "$k_bk")" "${r_all}x (${mr_all}x)" "${r_str}x (${mr_str}x)" "vs all: $ag_all; vs stream: $ag_str")")
 	ROWS+=("$(printf "$FMT" "" "goal" "" "" "" "" "<=$(mib "$rss_goal")" ">=12x" ">=5x" "$verdict")")
 done
