@@ -23,6 +23,7 @@ import (
 // update each, all three receive the aggregation, download the aggregate
 // (numpy's FedAvg of the updates), see the run pause, log out.
 func TestClient_Flow(t *testing.T) {
+	t.Parallel()
 	for _, tc := range []struct {
 		name string
 		amqp bool
@@ -155,6 +156,7 @@ func assertClose(tb testing.TB, got, want *weights.Update) {
 // again by itself and still delivers the next aggregation; a file call
 // with the revoked token does too.
 func TestClient_Relogin(t *testing.T) {
+	t.Parallel()
 	for _, tc := range []struct {
 		name string
 		amqp bool
@@ -193,6 +195,7 @@ func TestClient_Relogin(t *testing.T) {
 // TestClient_WithSession reuses a saved session without logging in, and
 // replaces a stale one transparently.
 func TestClient_WithSession(t *testing.T) {
+	t.Parallel()
 	ts := MustServer(t, false)
 	creds := MustBranch(t, ts, 1, 1)
 	ctx := ctxT(t)
@@ -227,6 +230,7 @@ func TestClient_WithSession(t *testing.T) {
 // TestClient_LastEventID resumes the event stream after a delivered event:
 // a second client given its id does not see it again.
 func TestClient_LastEventID(t *testing.T) {
+	t.Parallel()
 	ts := MustServer(t, false)
 	creds := MustBranch(t, ts, 1, 1)
 	ctx := ctxT(t)
@@ -262,6 +266,7 @@ func TestClient_LastEventID(t *testing.T) {
 // come back, matched with errors.As, and permanent failures are not
 // retried.
 func TestClient_Errors(t *testing.T) {
+	t.Parallel()
 	ts := MustServer(t, false)
 	creds := MustBranch(t, ts, 2, 1)
 	ctx := ctxT(t)
@@ -330,6 +335,7 @@ func TestClient_Errors(t *testing.T) {
 // TestClient_AMQPDedupe publishes a message twice with the same
 // message_id, as an at-least-once relay may: the leaf gets it once.
 func TestClient_AMQPDedupe(t *testing.T) {
+	t.Parallel()
 	amqpURL, _ := testBroker(t)
 	ts := MustServer(t, true)
 	creds := MustBranch(t, ts, 3, 1)
@@ -362,6 +368,7 @@ func TestClient_AMQPDedupe(t *testing.T) {
 // TestClient_LoginAgain logs in, out, and in again with one client: the
 // second login's Updates is a new channel that delivers.
 func TestClient_LoginAgain(t *testing.T) {
+	t.Parallel()
 	ts := MustServer(t, false)
 	creds := MustBranch(t, ts, 1, 1)
 	ctx := ctxT(t)

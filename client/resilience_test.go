@@ -202,6 +202,7 @@ func (p *cutProxy) serve() {
 // after the server recorded it but before the answer arrived: the client
 // retries under the same idempotency key and the update counts once.
 func TestFileUpload_CutOff(t *testing.T) {
+	t.Parallel()
 	src := MustWeights(t, t.TempDir(), "big.npy", 8<<20, false)
 	for _, tc := range []struct {
 		name, mode string
@@ -303,6 +304,7 @@ func (f *failFirst) wrap(next http.Handler) http.Handler {
 // TestFileUpload_Transient retries 503, 429 and 502 answers; a 400 is not
 // retried.
 func TestFileUpload_Transient(t *testing.T) {
+	t.Parallel()
 	ff := &failFirst{method: "POST", prefix: "/v1/file/upload", statuses: []int{503, 429, 502}}
 	ts := MustServer(t, false, ff.wrap)
 	creds := MustBranch(t, ts, 3, 1)
@@ -342,6 +344,7 @@ func TestFileUpload_Transient(t *testing.T) {
 // the rest with Range and gets the whole file; when the server ignores the
 // Range, it starts again.
 func TestFileDownload_Resume(t *testing.T) {
+	t.Parallel()
 	src := MustWeights(t, t.TempDir(), "big.npy", 8<<20, false)
 	for _, tc := range []struct {
 		name       string
@@ -388,6 +391,7 @@ func TestFileDownload_Resume(t *testing.T) {
 // TestFileDownload_Bad refuses what is not a weights file, an empty answer
 // included, and leaves nothing behind.
 func TestFileDownload_Bad(t *testing.T) {
+	t.Parallel()
 	for _, tc := range []struct{ name, body string }{{"ErrEmpty", ""}, {"ErrGarbage", "not a weights file"}} {
 		t.Run(tc.name, func(t *testing.T) {
 			fake := func(next http.Handler) http.Handler {
@@ -453,7 +457,8 @@ func sinkServer(tb testing.TB, serve string) string {
 
 // TestClient_Memory uploads and downloads a 16 MiB file and a 256 MiB
 // one: the client streams, so what it allocates does not grow with the
-// size.
+// size. It must not run in parallel with other tests: it reads the
+// process's heap statistics.
 func TestClient_Memory(t *testing.T) {
 	dir := t.TempDir()
 	ctx := ctxT(t)
@@ -518,6 +523,7 @@ func TestClient_Memory(t *testing.T) {
 // TestFileDownload_Cancelled stops a download halfway: the call returns
 // the context's error and leaves no partial file.
 func TestFileDownload_Cancelled(t *testing.T) {
+	t.Parallel()
 	src := MustWeights(t, t.TempDir(), "big.npy", 8<<20, false)
 	ts := MustServer(t, false)
 	creds := MustBranch(t, ts, 3, 1)
@@ -544,6 +550,7 @@ func TestFileDownload_Cancelled(t *testing.T) {
 // aggregation: the consumer reconnects with Last-Event-ID and every
 // aggregation arrives once, in order.
 func TestClient_SSEReconnect(t *testing.T) {
+	t.Parallel()
 	var cuts atomic.Int32
 	cutAfterAggregation := func(next http.Handler) http.Handler {
 		return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
