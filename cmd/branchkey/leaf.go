@@ -427,6 +427,11 @@ func watch(ctx context.Context, e *leafEnv, count int, execCmd string) error {
 				return err
 			}
 		}
+		// A long watch may have logged in again; let other commands
+		// use the new session.
+		if err := e.save(); err != nil {
+			return err
+		}
 	}
 	return nil
 }
