@@ -3,7 +3,6 @@ package service
 import (
 	"context"
 	"encoding/json"
-	"fmt"
 	"regexp"
 	"time"
 
@@ -319,7 +318,6 @@ func (s *Service) messagesStored() {
 	s.hub.Wake()
 }
 
-// timeout bounds background work that must not hang forever.
+// opTimeout bounds background work that must not hang forever.
 const opTimeout = 30 * time.Second
 
-var _ = fmt.Sprintf

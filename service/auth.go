@@ -9,7 +9,6 @@ import (
 	"encoding/hex"
 	"fmt"
 	"strings"
-	"time"
 
 	"github.com/branchkey/branchkey"
 	"golang.org/x/crypto/argon2"
@@ -239,7 +238,3 @@ func newPassword() string {
 	}
 	return base64.RawURLEncoding.EncodeToString(b)
 }
-
-// tokenExpiry is exposed to tests through Config.TokenTTL; kept here so the
-// rule is next to the code that issues tokens.
-var _ = time.Duration(0)

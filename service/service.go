@@ -191,12 +191,6 @@ func randomHex(n int) string {
 	return hex.EncodeToString(b)
 }
 
-// internal wraps an unexpected error with context; the HTTP layer logs it and
-// answers 500 without detail.
-func internal(format string, args ...any) error {
-	return fmt.Errorf(format, args...)
-}
-
 // isCode reports whether err carries the domain error code.
 func isCode(err error, code string) bool {
 	var e *branchkey.Error
