@@ -320,4 +320,3 @@ func (s *Service) messagesStored() {
 
 // opTimeout bounds background work that must not hang forever.
 const opTimeout = 30 * time.Second
-
