@@ -4,13 +4,16 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"runtime"
+	"sync"
 )
 
 // input is a buffered reader that knows its position, skips by seeking when
 // it can, and never allocates more than the bytes it really receives.
 type input struct {
 	r      io.Reader
-	seeker io.Seeker // set when skipping may seek instead of reading
+	seeker io.Seeker   // set when skipping may seek instead of reading
+	ra     io.ReaderAt // set when large reads may go in parallel
 	size   int64     // total length when known, else -1
 	buf    []byte
 	lo, hi int   // buf[lo:hi] is buffered and unread
@@ -24,6 +27,9 @@ func newInput(r io.Reader, size int64) *input {
 	in := &input{r: r, size: size, buf: make([]byte, inputBufSize)}
 	if s, ok := r.(io.Seeker); ok && size >= 0 {
 		in.seeker = s
+		if ra, ok := r.(io.ReaderAt); ok {
+			in.ra = ra
+		}
 	}
 	return in
 }
@@ -139,6 +145,19 @@ func (in *input) readFull(dst []byte) error {
 	if k == len(dst) {
 		return nil
 	}
+	if rest := dst[k:]; in.ra != nil && len(rest) >= parallelRead {
+		// A large tensor from a file: read it with several preads at once.
+		// Most of the time of a big read goes to faulting in the fresh
+		// pages it lands in, which the cores can do side by side.
+		if err := readAtParallel(in.ra, rest, in.pos); err != nil {
+			return err
+		}
+		if _, err := in.seeker.Seek(int64(len(rest)), io.SeekCurrent); err != nil {
+			return err
+		}
+		in.pos += int64(len(rest))
+		return nil
+	}
 	m, err := io.ReadFull(in.r, dst[k:])
 	in.pos += int64(m)
 	if errors.Is(err, io.ErrUnexpectedEOF) || err == io.EOF {
@@ -201,4 +220,39 @@ func (in *input) stream(n int64, unit int, fn func([]byte) error) error {
 		n -= int64(want)
 	}
 	return nil
+}
+
+// parallelRead is the smallest read split over several goroutines.
+const parallelRead = 8 << 20
+
+// readAtParallel fills dst from r at off with up to GOMAXPROCS concurrent
+// ReadAt calls of at least 4 MiB each.
+func readAtParallel(r io.ReaderAt, dst []byte, off int64) error {
+	parts := min(runtime.GOMAXPROCS(0), len(dst)/(4<<20))
+	if parts < 2 {
+		_, err := r.ReadAt(dst, off)
+		if err == io.EOF {
+			err = errShort
+		}
+		return err
+	}
+	step := (len(dst) + parts - 1) / parts
+	errs := make([]error, parts)
+	var wg sync.WaitGroup
+	for i := range parts {
+		lo, hi := i*step, min((i+1)*step, len(dst))
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			n, err := r.ReadAt(dst[lo:hi], off+int64(lo))
+			if err == io.EOF && n == hi-lo {
+				err = nil
+			} else if err == io.EOF {
+				err = errShort
+			}
+			errs[i] = err
+		}()
+	}
+	wg.Wait()
+	return errors.Join(errs...)
 }
