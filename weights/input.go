@@ -14,7 +14,7 @@ type input struct {
 	r      io.Reader
 	seeker io.Seeker   // set when skipping may seek instead of reading
 	ra     io.ReaderAt // set when large reads may go in parallel
-	size   int64     // total length when known, else -1
+	size   int64       // total length when known, else -1
 	buf    []byte
 	lo, hi int   // buf[lo:hi] is buffered and unread
 	pos    int64 // offset of buf[lo] in the stream
