@@ -101,38 +101,88 @@ func Encode(w io.Writer, u *Update) error {
 	return e.Close()
 }
 
-// WriteFile writes u to the named file atomically: into a temporary file in
-// the same directory, synced, then renamed.
+// WriteFile writes u to the named file atomically (see CreateOutput).
 func WriteFile(path string, u *Update) error {
-	return writeFileAtomic(path, func(w io.Writer) error { return Encode(w, u) })
-}
-
-func writeFileAtomic(path string, write func(io.Writer) error) error {
-	f, err := os.CreateTemp(filepath.Dir(path), "."+filepath.Base(path)+".tmp*")
+	o, err := CreateOutput(path)
 	if err != nil {
 		return err
 	}
-	ok := false
-	defer func() {
-		if !ok {
-			f.Close()
-			os.Remove(f.Name())
+	defer o.Abort()
+	if err := Encode(o, u); err != nil {
+		return err
+	}
+	return o.Commit()
+}
+
+// OutputFile is an output file written whole or not at all: its bytes go
+// to a temporary file beside the path, which Commit syncs and renames over
+// it, so a failed run leaves no partial file. When the path names something
+// other than a regular file (/dev/null, a pipe), the bytes go straight to
+// it, and the device stays a device.
+type OutputFile struct {
+	f      *os.File
+	path   string
+	direct bool
+	done   bool
+}
+
+// CreateOutput starts an output file at path.
+func CreateOutput(path string) (*OutputFile, error) {
+	if fi, err := os.Stat(path); err == nil && !fi.Mode().IsRegular() {
+		if fi.IsDir() {
+			return nil, fmt.Errorf("%s is a directory", path)
 		}
-	}()
-	if err := write(f); err != nil {
+		f, err := os.OpenFile(path, os.O_WRONLY, 0)
+		if err != nil {
+			return nil, err
+		}
+		return &OutputFile{f: f, path: path, direct: true}, nil
+	}
+	f, err := os.CreateTemp(filepath.Dir(path), "."+filepath.Base(path)+".tmp*")
+	if err != nil {
+		return nil, err
+	}
+	return &OutputFile{f: f, path: path}, nil
+}
+
+// Write writes to the file.
+func (o *OutputFile) Write(p []byte) (int, error) { return o.f.Write(p) }
+
+// Commit makes the file durable and puts it in place.
+func (o *OutputFile) Commit() error {
+	if o.done {
+		return errors.New("weights: output already committed or aborted")
+	}
+	o.done = true
+	if o.direct {
+		return o.f.Close()
+	}
+	if err := o.f.Sync(); err != nil {
+		o.f.Close()
+		os.Remove(o.f.Name())
 		return err
 	}
-	if err := f.Sync(); err != nil {
+	if err := o.f.Close(); err != nil {
+		os.Remove(o.f.Name())
 		return err
 	}
-	if err := f.Close(); err != nil {
+	if err := os.Rename(o.f.Name(), o.path); err != nil {
+		os.Remove(o.f.Name())
 		return err
 	}
-	if err := os.Rename(f.Name(), path); err != nil {
-		return err
-	}
-	ok = true
 	return nil
+}
+
+// Abort discards the file unless it was committed; it is safe to defer.
+func (o *OutputFile) Abort() {
+	if o.done {
+		return
+	}
+	o.done = true
+	o.f.Close()
+	if !o.direct {
+		os.Remove(o.f.Name())
+	}
 }
 
 // Write writes the next bytes of tensor data.

@@ -539,3 +539,26 @@ func TestCompare(t *testing.T) {
 		}
 	}
 }
+
+// TestWriteFileDevice: writing to /dev/null writes to the device and leaves
+// it a device (an atomic rename over it would replace it with a file).
+func TestWriteFileDevice(t *testing.T) {
+	u := &weights.Update{NumSamples: 1, Tensors: []weights.Tensor{{DType: weights.Float32, Shape: []int{1}, Data: make([]byte, 4)}}}
+	if err := weights.WriteFile(os.DevNull, u); err != nil {
+		t.Fatal(err)
+	}
+	fi, err := os.Stat(os.DevNull)
+	if err != nil || fi.Mode()&os.ModeDevice == 0 {
+		t.Fatalf("%s is no longer a device: %v %v", os.DevNull, fi.Mode(), err)
+	}
+	path := filepath.Join(t.TempDir(), "u.npy")
+	if err := weights.WriteFile(path, u); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := weights.ReadFile(path); err != nil {
+		t.Fatal(err)
+	}
+	if err := weights.WriteFile(t.TempDir(), u); err == nil {
+		t.Fatal("wrote over a directory")
+	}
+}

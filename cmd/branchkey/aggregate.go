@@ -7,11 +7,11 @@ import (
 	"fmt"
 	"io"
 	"os"
-	"path/filepath"
 	"slices"
 	"strings"
 
 	"github.com/branchkey/branchkey/aggregate"
+	"github.com/branchkey/branchkey/weights"
 	"github.com/spf13/cobra"
 	"github.com/spf13/pflag"
 )
@@ -175,7 +175,7 @@ func runAggregate(ctx context.Context, stdout io.Writer, cfg aggregate.Config, f
 	} else if cfg.NeedsGlobal() {
 		return &exitError{code: 2, msg: fmt.Sprintf("aggregate: %s needs the previous global model: --global FILE", cfg.Strategy)}
 	}
-	var stateOut *atomicFile
+	var stateOut *weights.OutputFile
 	if f.state != "" && cfg.KeepsState() {
 		in, closeFn, err := openInput(f.state)
 		switch {
@@ -185,17 +185,17 @@ func runAggregate(ctx context.Context, stdout io.Writer, cfg aggregate.Config, f
 		case !errors.Is(err, os.ErrNotExist):
 			return err
 		}
-		if stateOut, err = createAtomic(f.state); err != nil {
+		if stateOut, err = weights.CreateOutput(f.state); err != nil {
 			return err
 		}
-		defer stateOut.abort()
+		defer stateOut.Abort()
 		opts = append(opts, aggregate.WithStateOut(stateOut))
 	}
-	out, err := createAtomic(f.out)
+	out, err := weights.CreateOutput(f.out)
 	if err != nil {
 		return err
 	}
-	defer out.abort()
+	defer out.Abort()
 
 	var res *aggregate.Result
 	if f.incremental {
@@ -220,11 +220,11 @@ func runAggregate(ctx context.Context, stdout io.Writer, cfg aggregate.Config, f
 		}
 		return &exitError{code: 1, msg: "aggregate: " + err.Error()}
 	}
-	if err := out.commit(); err != nil {
+	if err := out.Commit(); err != nil {
 		return err
 	}
 	if stateOut != nil {
-		if err := stateOut.commit(); err != nil {
+		if err := stateOut.Commit(); err != nil {
 			return err
 		}
 	}
@@ -261,38 +261,4 @@ func openInput(path string) (aggregate.Input, func(), error) {
 		return aggregate.Input{}, nil, err
 	}
 	return aggregate.Input{Name: path, R: fh, Size: fi.Size()}, func() { fh.Close() }, nil
-}
-
-// atomicFile is written in a temporary file beside its path and renamed
-// into place by commit, so that a failed run leaves no partial file.
-type atomicFile struct {
-	*os.File
-	path string
-	done bool
-}
-
-func createAtomic(path string) (*atomicFile, error) {
-	fh, err := os.CreateTemp(filepath.Dir(path), "."+filepath.Base(path)+".tmp*")
-	if err != nil {
-		return nil, err
-	}
-	return &atomicFile{File: fh, path: path}, nil
-}
-
-func (a *atomicFile) commit() error {
-	if err := a.Close(); err != nil {
-		return err
-	}
-	if err := os.Rename(a.Name(), a.path); err != nil {
-		return err
-	}
-	a.done = true
-	return nil
-}
-
-func (a *atomicFile) abort() {
-	if !a.done {
-		a.Close()
-		os.Remove(a.Name())
-	}
 }

@@ -363,8 +363,13 @@ func (l *demoLeaf) run(ctx context.Context, server string, initial []demo.Tensor
 		if model, err = readModel(file); err != nil {
 			return fmt.Errorf("%s: round %d: %w", l.creds.LeafName, round, err)
 		}
+		// The leaf trains on from model; the report gets its own copy.
+		global, err := demo.ModelFromTensors(model.Tensors())
+		if err != nil {
+			return err
+		}
 		select {
-		case out <- demoResult{round: round, aggregation: aggID, model: model}:
+		case out <- demoResult{round: round, aggregation: aggID, model: global}:
 		case <-ctx.Done():
 			return ctx.Err()
 		}
