@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"path/filepath"
 	"slices"
 	"strings"
 
@@ -26,6 +27,7 @@ type aggregateFlags struct {
 	sample      int
 	asJSON      bool
 	incremental bool
+	sync        bool
 	workers     int
 	blockSize   int
 }
@@ -70,6 +72,7 @@ func newAggregateCmd() *cobra.Command {
 	fl.IntVar(&f.sample, "sample", 0, "aggregate K of the files, chosen uniformly without replacement by --seed (0: all)")
 	fl.Int64(aggregate.OptSeed, 0, "seed of --sample and of dp-fedavg's noise")
 	fl.BoolVar(&f.asJSON, "json", false, "print the summary as JSON")
+	fl.BoolVar(&f.sync, "sync", true, "fsync the output (and state) before renaming it into place; --sync=false leaves that to the OS, as np.save does")
 	fl.BoolVar(&f.incremental, "incremental", false, "fold the files one by one into a running sum (the server's per-upload path) instead of reading them in blocks")
 	fl.IntVar(&f.workers, "workers", 0, "goroutines combining blocks (0: one per core)")
 	fl.IntVar(&f.blockSize, "block-size", 0, fmt.Sprintf("parameters combined at once per worker (0: %d)", aggregate.DefaultBlockSize))
@@ -175,7 +178,7 @@ func runAggregate(ctx context.Context, stdout io.Writer, cfg aggregate.Config, f
 	} else if cfg.NeedsGlobal() {
 		return &exitError{code: 2, msg: fmt.Sprintf("aggregate: %s needs the previous global model: --global FILE", cfg.Strategy)}
 	}
-	var stateOut *weights.OutputFile
+	var stateOut outputFile
 	if f.state != "" && cfg.KeepsState() {
 		in, closeFn, err := openInput(f.state)
 		switch {
@@ -185,13 +188,13 @@ func runAggregate(ctx context.Context, stdout io.Writer, cfg aggregate.Config, f
 		case !errors.Is(err, os.ErrNotExist):
 			return err
 		}
-		if stateOut, err = weights.CreateOutput(f.state); err != nil {
+		if stateOut, err = createOutput(f.state, f.sync); err != nil {
 			return err
 		}
 		defer stateOut.Abort()
 		opts = append(opts, aggregate.WithStateOut(stateOut))
 	}
-	out, err := weights.CreateOutput(f.out)
+	out, err := createOutput(f.out, f.sync)
 	if err != nil {
 		return err
 	}
@@ -261,4 +264,59 @@ func openInput(path string) (aggregate.Input, func(), error) {
 		return aggregate.Input{}, nil, err
 	}
 	return aggregate.Input{Name: path, R: fh, Size: fi.Size()}, func() { fh.Close() }, nil
+}
+
+// outputFile is an output written whole or not at all (weights.OutputFile).
+type outputFile interface {
+	io.Writer
+	Commit() error
+	Abort()
+}
+
+// createOutput starts an output file. With sync it is weights.OutputFile,
+// synced before it is renamed into place. Without, a regular file is still
+// written beside its path and renamed, so a failed run leaves nothing, but
+// not synced: np.save does not sync either, and for a model of hundreds of
+// MB the sync can cost more than the aggregation.
+func createOutput(path string, sync bool) (outputFile, error) {
+	if fi, err := os.Stat(path); sync || (err == nil && !fi.Mode().IsRegular()) {
+		return weights.CreateOutput(path) // devices and pipes are written in place
+	}
+	f, err := os.CreateTemp(filepath.Dir(path), "."+filepath.Base(path)+".tmp*")
+	if err != nil {
+		return nil, err
+	}
+	return &unsyncedOutput{f: f, path: path}, nil
+}
+
+// unsyncedOutput is a temporary file renamed into place without a sync.
+type unsyncedOutput struct {
+	f    *os.File
+	path string
+	done bool
+}
+
+func (o *unsyncedOutput) Write(p []byte) (int, error) { return o.f.Write(p) }
+
+func (o *unsyncedOutput) Commit() error {
+	if o.done {
+		return errors.New("output already committed or aborted")
+	}
+	o.done = true
+	err := o.f.Close()
+	if err == nil {
+		err = os.Rename(o.f.Name(), o.path)
+	}
+	if err != nil {
+		os.Remove(o.f.Name())
+	}
+	return err
+}
+
+func (o *unsyncedOutput) Abort() {
+	if !o.done {
+		o.done = true
+		o.f.Close()
+		os.Remove(o.f.Name())
+	}
 }

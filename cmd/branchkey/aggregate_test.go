@@ -133,6 +133,25 @@ func TestAggregateCommand(t *testing.T) {
 			t.Fatal("incremental and blocked outputs differ")
 		}
 	})
+	t.Run("NoSync", func(t *testing.T) {
+		dir := t.TempDir()
+		a, b := filepath.Join(dir, "a.npy"), filepath.Join(dir, "b.npy")
+		files := aggRoundFiles(t, "round_0")
+		if code, _, stderr := aggRun(t, append([]string{"aggregate", "-o", a}, files...)...); code != 0 {
+			t.Fatal(stderr)
+		}
+		if code, _, stderr := aggRun(t, append([]string{"aggregate", "--sync=false", "-o", b}, files...)...); code != 0 {
+			t.Fatal(stderr)
+		}
+		ab, _ := os.ReadFile(a)
+		bb, _ := os.ReadFile(b)
+		if string(ab) != string(bb) {
+			t.Fatal("--sync=false changed the output")
+		}
+		if left, _ := filepath.Glob(filepath.Join(dir, ".*")); len(left) != 0 {
+			t.Fatalf("temporary files left: %v", left)
+		}
+	})
 	t.Run("Sample", func(t *testing.T) {
 		files := aggRoundFiles(t, "round_1")
 		var used [][]string
