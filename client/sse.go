@@ -184,20 +184,27 @@ func (c *Client) consumeSSE(ctx context.Context, s *Session, deliver func(contex
 			continue // a replay of something delivered
 		}
 		n, err := parseNotification([]byte(ev.Data), ev.ID)
+		// The cursor moves before the hand-over, so that a reader who just
+		// got the notification sees LastEventID at it; it moves back if the
+		// hand-over fails.
+		c.mu.Lock()
+		prev := c.lastEvent
+		c.lastEvent = ev.ID
+		c.mu.Unlock()
 		if err != nil {
 			c.log.Warn("dropped an event that is not a notification", "id", ev.ID, "event", ev.Event, "err", err)
 		} else {
 			// The reader may take its time; that is no stall.
 			dog.pause()
 			if err := deliver(ctx, n); err != nil {
+				c.mu.Lock()
+				c.lastEvent = prev
+				c.mu.Unlock()
 				return delivered, err
 			}
 			dog.kick()
 			delivered = true
 		}
-		c.mu.Lock()
-		c.lastEvent = ev.ID
-		c.mu.Unlock()
 		lastSeq, seqOK = parseSeq(ev.ID)
 	}
 }

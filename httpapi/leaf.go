@@ -73,7 +73,8 @@ func (s *Server) handleLogin(w http.ResponseWriter, r *http.Request) {
 		s.error(w, r, err)
 		return
 	}
-	s.data(w, http.StatusCreated, map[string]string{"id": leaf.ID, "access_token": token, "status": "logged_in"})
+	s.data(w, http.StatusCreated, map[string]any{"id": leaf.ID, "access_token": token, "status": "logged_in",
+		"expires_at": time.Now().Add(s.svc.Config().TokenTTL).UTC().Format(time.RFC3339)})
 }
 
 func (s *Server) handleLogout(w http.ResponseWriter, r *http.Request) {
@@ -226,13 +227,20 @@ func (s *Server) handleRunStatus(w http.ResponseWriter, r *http.Request) {
 }
 
 // handleEvents streams the leaf's branch's messages as Server-Sent Events,
-// from the one after Last-Event-ID (or the last_event_id query parameter),
-// or from the first message ever stored. Each event's id is the message's
-// sequence number and its data the JSON a broker consumer receives.
+// from the one after Last-Event-ID (or the last_event_id query parameter).
+// Without one it starts where the leaf's broker queue starts: with the
+// first message stored after the leaf was created (from=start replays the
+// branch's whole history). Each event's id is the message's sequence
+// number; its data is the JSON a broker consumer receives, plus the
+// message's message_id.
 func (s *Server) handleEvents(w http.ResponseWriter, r *http.Request) {
 	leaf := leafFrom(r)
 	id, token, _ := r.BasicAuth()
 	after := int64(0)
+	since := leaf.CreatedAt
+	if r.URL.Query().Get("from") == "start" {
+		since = time.Time{}
+	}
 	last := r.Header.Get("Last-Event-ID")
 	if last == "" {
 		last = r.URL.Query().Get("last_event_id")
@@ -243,7 +251,7 @@ func (s *Server) handleEvents(w http.ResponseWriter, r *http.Request) {
 			s.error(w, r, branchkey.Errorf(branchkey.EINVALID, "Last-Event-ID %q is not an event id", last))
 			return
 		}
-		after = n
+		after, since = n, time.Time{}
 	}
 	rc := http.NewResponseController(w)
 	w.Header().Set("Content-Type", "text/event-stream")
@@ -267,17 +275,22 @@ func (s *Server) handleEvents(w http.ResponseWriter, r *http.Request) {
 			}
 			return
 		}
+		sent := 0
 		for _, m := range msgs {
-			fmt.Fprintf(w, "id: %d\nevent: %s\ndata: %s\n\n", m.Seq, m.Type, m.Payload())
 			after = m.Seq
+			if m.CreatedAt.Before(since) {
+				continue
+			}
+			fmt.Fprintf(w, "id: %d\nevent: %s\ndata: %s\n\n", m.Seq, m.Type, ssePayload(m))
+			sent++
 		}
-		if len(msgs) > 0 {
+		if sent > 0 {
 			if err := rc.Flush(); err != nil {
 				return
 			}
-			if len(msgs) == 100 {
-				continue
-			}
+		}
+		if len(msgs) == 100 {
+			continue
 		}
 		select {
 		case <-ctx.Done():
@@ -294,4 +307,15 @@ func (s *Server) handleEvents(w http.ResponseWriter, r *http.Request) {
 			}
 		}
 	}
+}
+
+// ssePayload is a message as a broker consumer receives it, with its
+// message_id, so an SSE consumer can drop duplicates as an AMQP one does.
+func ssePayload(m *branchkey.Message) []byte {
+	b, _ := json.Marshal(struct {
+		Type string          `json:"message_type"`
+		Body json.RawMessage `json:"body"`
+		ID   string          `json:"message_id"`
+	}{m.Type, m.Body, m.ID})
+	return b
 }

@@ -57,8 +57,8 @@ access token, never the password) in a file only you can read, under
 one per server and leaf. Later commands reuse it until the server refuses it,
 then log in again; "logout" deletes it. For Server-Sent Events the same
 directory keeps the id of the last event "watch" handled, so the next watch
-resumes after it; the first watch of a leaf replays the branch's messages
-from its first.
+resumes after it; the first watch of a leaf starts with the messages stored
+since the leaf was created, as its broker queue does.
 
 Uploads and downloads show a progress bar when stderr is a terminal
 (--progress). Transient failures are retried; an upload carries an
