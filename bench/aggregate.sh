@@ -103,6 +103,7 @@ bench_tool() {
 	local runs=()
 	for ((r = 0; r < REPEAT; r++)); do
 		rm -f "$out"
+		sync # the previous run's output goes to disk now, not during this one
 		timed "$WORK/$name.$r" "$@"
 		runs+=("$(cat "$WORK/$name.$r")")
 	done
