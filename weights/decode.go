@@ -471,6 +471,14 @@ func (d *decoder) str(n uint64) error {
 	return d.push(string(b))
 }
 
+// argBytes is the size of the little-endian integer argument (a value, a
+// length or a memo index) of the opcodes that carry one.
+var argBytes = [256]int{
+	opProto: 1, opFrame: 8, opBinInt1: 1, opBinInt2: 2, opBinInt: 4, opLong1: 1, opLong4: 4,
+	opShortBinUni: 1, opBinUnicode: 4, opBinUnicode8: 8, opShortBinBytes: 1, opBinBytes: 4, opBinBytes8: 8,
+	opBinPut: 1, opLongBinPut: 4, opBinGet: 1, opLongBinGet: 4,
+}
+
 func (d *decoder) unpickle() (any, error) {
 	for {
 		d.opAt = d.in.pos
@@ -480,19 +488,19 @@ func (d *decoder) unpickle() (any, error) {
 			return nil, d.errAt(d.opAt, "", "pickle stream ends early, before STOP: %v", err)
 		}
 		d.op = opName(c)
+		var arg uint64
+		if n := argBytes[c]; n > 0 {
+			if arg, err = d.le(n); err != nil {
+				return nil, err
+			}
+		}
 		switch c {
 		case opProto:
-			v, err := d.le(1)
-			if err != nil {
-				return nil, err
-			}
-			if v < 2 || v > 5 {
-				return nil, d.fail("pickle protocol %d is not supported (2 to 5 are)", v)
+			if arg < 2 || arg > 5 {
+				return nil, d.fail("pickle protocol %d is not supported (2 to 5 are)", arg)
 			}
 		case opFrame:
-			if _, err := d.le(8); err != nil {
-				return nil, err
-			}
+			// Frames only group opcodes; the bytes are read as they come.
 		case opStop:
 			if len(d.marks) > 0 {
 				return nil, d.fail("STOP with an open MARK")
@@ -507,71 +515,21 @@ func (d *decoder) unpickle() (any, error) {
 			}
 			d.marks = append(d.marks, len(d.stack))
 		case opPop:
-			if _, err := d.pop(); err != nil {
-				return nil, err
-			}
+			_, err = d.pop()
 		case opNone:
 			err = d.push(none{})
 		case opNewTrue:
 			err = d.push(true)
 		case opNewFalse:
 			err = d.push(false)
-		case opBinInt1:
-			v, err := d.le(1)
-			if err != nil {
-				return nil, err
-			}
-			if err := d.push(int64(v)); err != nil {
-				return nil, err
-			}
-		case opBinInt2:
-			v, err := d.le(2)
-			if err != nil {
-				return nil, err
-			}
-			if err := d.push(int64(v)); err != nil {
-				return nil, err
-			}
+		case opBinInt1, opBinInt2:
+			err = d.push(int64(arg))
 		case opBinInt:
-			v, err := d.le(4)
-			if err != nil {
-				return nil, err
-			}
-			if err := d.push(int64(int32(uint32(v)))); err != nil {
-				return nil, err
-			}
+			err = d.push(int64(int32(uint32(arg))))
 		case opLong1:
-			n, err := d.le(1)
-			if err != nil {
-				return nil, err
-			}
-			if n > 8 {
-				return nil, d.fail("an integer of %d bytes does not fit in 64 bits", n)
-			}
-			var v int64
-			if n > 0 {
-				b, err := d.in.next(int(n))
-				if err != nil {
-					return nil, d.wrap(err)
-				}
-				var u uint64
-				for i := int(n) - 1; i >= 0; i-- {
-					u = u<<8 | uint64(b[i])
-				}
-				if b[n-1]&0x80 != 0 && n < 8 { // sign-extend
-					u |= ^uint64(0) << (8 * n)
-				}
-				v = int64(u)
-			}
-			if err := d.push(v); err != nil {
-				return nil, err
-			}
+			err = d.long1(int(arg))
 		case opLong4:
-			n, err := d.le(4)
-			if err != nil {
-				return nil, err
-			}
-			return nil, d.fail("an integer of %d bytes does not fit in 64 bits", n)
+			return nil, d.fail("an integer of %d bytes does not fit in 64 bits", arg)
 		case opBinFloat:
 			b, err := d.in.next(8)
 			if err != nil {
@@ -580,175 +538,65 @@ func (d *decoder) unpickle() (any, error) {
 			if err := d.push(math.Float64frombits(binary.BigEndian.Uint64(b))); err != nil {
 				return nil, err
 			}
-		case opShortBinUni:
-			n, err := d.le(1)
-			if err != nil {
-				return nil, err
+		case opShortBinUni, opBinUnicode, opBinUnicode8:
+			err = d.str(arg)
+		case opShortBinBytes, opBinBytes, opBinBytes8:
+			if arg > math.MaxInt64 {
+				return nil, d.fail("claims %d bytes", arg)
 			}
-			if err := d.str(n); err != nil {
-				return nil, err
-			}
-		case opBinUnicode:
-			n, err := d.le(4)
-			if err != nil {
-				return nil, err
-			}
-			if err := d.str(n); err != nil {
-				return nil, err
-			}
-		case opBinUnicode8:
-			n, err := d.le(8)
-			if err != nil {
-				return nil, err
-			}
-			if err := d.str(n); err != nil {
-				return nil, err
-			}
-		case opShortBinBytes:
-			n, err := d.le(1)
-			if err != nil {
-				return nil, err
-			}
-			if err := d.bytes(int64(n)); err != nil {
-				return nil, err
-			}
-		case opBinBytes:
-			n, err := d.le(4)
-			if err != nil {
-				return nil, err
-			}
-			if err := d.bytes(int64(n)); err != nil {
-				return nil, err
-			}
-		case opBinBytes8:
-			n, err := d.le(8)
-			if err != nil {
-				return nil, err
-			}
-			if n > math.MaxInt64 {
-				return nil, d.fail("claims %d bytes", n)
-			}
-			if err := d.bytes(int64(n)); err != nil {
-				return nil, err
-			}
+			err = d.bytes(int64(arg))
 		case opEmptyTuple:
 			err = d.push(tuple{})
 		case opTuple1, opTuple2, opTuple3:
 			n := int(c-opTuple1) + 1
 			t := make(tuple, n)
-			for i := n - 1; i >= 0; i-- {
-				if t[i], err = d.pop(); err != nil {
-					return nil, err
-				}
+			for i := n - 1; i >= 0 && err == nil; i-- {
+				t[i], err = d.pop()
 			}
-			err = d.push(t)
+			if err == nil {
+				err = d.push(t)
+			}
 		case opTuple:
-			items, err := d.popMark()
-			if err != nil {
-				return nil, err
-			}
-			if err := d.push(append(tuple{}, items...)); err != nil {
-				return nil, err
+			var items []any
+			if items, err = d.popMark(); err == nil {
+				err = d.push(append(tuple{}, items...))
 			}
 		case opEmptyList:
 			err = d.push(&list{})
 		case opList:
-			items, err := d.popMark()
-			if err != nil {
-				return nil, err
-			}
-			if err := d.push(&list{items: append([]any{}, items...)}); err != nil {
-				return nil, err
+			var items []any
+			if items, err = d.popMark(); err == nil {
+				err = d.push(&list{items: append([]any{}, items...)})
 			}
 		case opAppend:
-			v, err := d.pop()
-			if err != nil {
-				return nil, err
-			}
-			if err := d.appendTo([]any{v}); err != nil {
-				return nil, err
+			var v any
+			if v, err = d.pop(); err == nil {
+				err = d.appendTo([]any{v})
 			}
 		case opAppends:
-			items, err := d.popMark()
-			if err != nil {
-				return nil, err
+			var items []any
+			if items, err = d.popMark(); err == nil {
+				err = d.appendTo(items)
 			}
-			if err := d.appendTo(items); err != nil {
-				return nil, err
-			}
-		case opBinPut:
-			v, err := d.le(1)
-			if err != nil {
-				return nil, err
-			}
-			if err := d.memoPut(uint32(v)); err != nil {
-				return nil, err
-			}
-		case opLongBinPut:
-			v, err := d.le(4)
-			if err != nil {
-				return nil, err
-			}
-			if err := d.memoPut(uint32(v)); err != nil {
-				return nil, err
-			}
+		case opBinPut, opLongBinPut:
+			err = d.memoPut(uint32(arg))
 		case opMemoize:
-			if err := d.memoPut(uint32(len(d.memo))); err != nil {
-				return nil, err
-			}
-		case opBinGet:
-			v, err := d.le(1)
-			if err != nil {
-				return nil, err
-			}
-			if err := d.memoGet(uint32(v)); err != nil {
-				return nil, err
-			}
-		case opLongBinGet:
-			v, err := d.le(4)
-			if err != nil {
-				return nil, err
-			}
-			if err := d.memoGet(uint32(v)); err != nil {
-				return nil, err
-			}
+			err = d.memoPut(uint32(len(d.memo)))
+		case opBinGet, opLongBinGet:
+			err = d.memoGet(uint32(arg))
 		case opGlobal:
-			mod, err := d.line()
-			if err != nil {
-				return nil, err
-			}
-			name, err := d.line()
-			if err != nil {
-				return nil, err
-			}
-			if err := d.global(mod, name); err != nil {
-				return nil, err
+			var mod, name string
+			if mod, err = d.line(); err == nil {
+				if name, err = d.line(); err == nil {
+					err = d.global(mod, name)
+				}
 			}
 		case opStackGlobal:
-			nameV, err := d.pop()
-			if err != nil {
-				return nil, err
-			}
-			modV, err := d.pop()
-			if err != nil {
-				return nil, err
-			}
-			mod, ok1 := modV.(string)
-			name, ok2 := nameV.(string)
-			if !ok1 || !ok2 {
-				return nil, d.fail("STACK_GLOBAL needs two strings, got %s and %s", describe(modV), describe(nameV))
-			}
-			if err := d.global(mod, name); err != nil {
-				return nil, err
-			}
+			err = d.stackGlobal()
 		case opReduce:
-			if err := d.reduce(); err != nil {
-				return nil, err
-			}
+			err = d.reduce()
 		case opBuild:
-			if err := d.build(); err != nil {
-				return nil, err
-			}
+			err = d.build()
 		default:
 			return nil, d.fail("opcode not allowed in a weights file")
 		}
@@ -756,6 +604,47 @@ func (d *decoder) unpickle() (any, error) {
 			return nil, err
 		}
 	}
+}
+
+// long1 pushes the n-byte little-endian two's complement integer of LONG1.
+func (d *decoder) long1(n int) error {
+	if n > 8 {
+		return d.fail("an integer of %d bytes does not fit in 64 bits", n)
+	}
+	var v int64
+	if n > 0 {
+		b, err := d.in.next(n)
+		if err != nil {
+			return d.wrap(err)
+		}
+		var u uint64
+		for i := n - 1; i >= 0; i-- {
+			u = u<<8 | uint64(b[i])
+		}
+		if b[n-1]&0x80 != 0 && n < 8 { // sign-extend
+			u |= ^uint64(0) << (8 * n)
+		}
+		v = int64(u)
+	}
+	return d.push(v)
+}
+
+// stackGlobal is STACK_GLOBAL: GLOBAL with the names on the stack.
+func (d *decoder) stackGlobal() error {
+	nameV, err := d.pop()
+	if err != nil {
+		return err
+	}
+	modV, err := d.pop()
+	if err != nil {
+		return err
+	}
+	mod, ok1 := modV.(string)
+	name, ok2 := nameV.(string)
+	if !ok1 || !ok2 {
+		return d.fail("STACK_GLOBAL needs two strings, got %s and %s", describe(modV), describe(nameV))
+	}
+	return d.global(mod, name)
 }
 
 // line reads a newline-terminated name of GLOBAL.
