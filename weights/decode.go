@@ -51,7 +51,10 @@ func DecodeAt(r io.ReaderAt, size int64) (*Update, error) {
 
 // ReadFile decodes the update in the named file, materializing its tensors.
 // Errors name the file.
-func ReadFile(path string) (*Update, error) {
+func ReadFile(path string) (*Update, error) { return readFile(path, DecodeAt) }
+
+// readFile runs read on the named file and its size; errors name the file.
+func readFile(path string, read func(io.ReaderAt, int64) (*Update, error)) (*Update, error) {
 	f, err := os.Open(path)
 	if err != nil {
 		return nil, err
@@ -61,7 +64,7 @@ func ReadFile(path string) (*Update, error) {
 	if err != nil {
 		return nil, err
 	}
-	u, err := DecodeAt(f, fi.Size())
+	u, err := read(f, fi.Size())
 	if err != nil {
 		return nil, fmt.Errorf("%s: %w", path, err)
 	}
@@ -76,22 +79,7 @@ func Index(r io.ReaderAt, size int64) (*Update, error) {
 }
 
 // IndexFile indexes the named file. Errors name the file.
-func IndexFile(path string) (*Update, error) {
-	f, err := os.Open(path)
-	if err != nil {
-		return nil, err
-	}
-	defer f.Close()
-	fi, err := f.Stat()
-	if err != nil {
-		return nil, err
-	}
-	u, err := Index(f, fi.Size())
-	if err != nil {
-		return nil, fmt.Errorf("%s: %w", path, err)
-	}
-	return u, nil
-}
+func IndexFile(path string) (*Update, error) { return readFile(path, Index) }
 
 // Visitor receives one tensor's bytes during Scan, in order, in chunks that
 // hold whole elements. i is the tensor's index in the file; t has its dtype,
