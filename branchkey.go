@@ -8,6 +8,7 @@ package branchkey
 import (
 	"context"
 	"encoding/json"
+	"fmt"
 	"io"
 	"time"
 )
@@ -127,6 +128,42 @@ type RoundKey struct {
 	BranchID string `json:"branch_id"`
 	Run      int    `json:"run"`
 	Round    int    `json:"round"`
+}
+
+// String names the round for messages: round 3 of run 1 of branch "b" of
+// tree "t".
+func (k RoundKey) String() string {
+	return fmt.Sprintf("round %d of run %d of branch %q of tree %q", k.Round, k.Run, k.BranchID, k.TreeID)
+}
+
+// CurrentRound is the key of the round that accepts the branch's uploads.
+func (b *Branch) CurrentRound() RoundKey {
+	return RoundKey{TreeID: b.TreeID, BranchID: b.ID, Run: b.RunNumber, Round: b.Round}
+}
+
+// RoundKey is the key of the round the update belongs to.
+func (u *Update) RoundKey() RoundKey {
+	return RoundKey{TreeID: u.TreeID, BranchID: u.BranchID, Run: u.Run, Round: u.Round}
+}
+
+// CheckInputs checks that inputs, the updates chosen to aggregate a round,
+// are distinct current updates of the round (ups). EINVALID otherwise.
+func CheckInputs(key RoundKey, ups []*Update, inputs []string) error {
+	in := make(map[string]bool, len(ups))
+	for _, u := range ups {
+		in[u.ID] = true
+	}
+	seen := make(map[string]bool, len(inputs))
+	for _, id := range inputs {
+		if !in[id] {
+			return Errorf(EINVALID, "update %q is not a current update of %s", id, key)
+		}
+		if seen[id] {
+			return Errorf(EINVALID, "update %q is picked twice for %s", id, key)
+		}
+		seen[id] = true
+	}
+	return nil
 }
 
 // RoundStatus is where a round is in its life.

@@ -2,7 +2,6 @@ package postgres
 
 import (
 	"context"
-	"fmt"
 	"time"
 
 	"github.com/jackc/pgx/v5"
@@ -27,11 +26,6 @@ const roundKeyWhere = "WHERE r.tree_id = $1 AND r.branch_id = $2 AND r.run = $3 
 // roundOrder lists rounds by key.
 const roundOrder = " ORDER BY r.tree_id, r.branch_id, r.run, r.round"
 
-// describeRound names a round in messages.
-func describeRound(k branchkey.RoundKey) string {
-	return fmt.Sprintf("round %d of run %d of branch %q of tree %q", k.Round, k.Run, k.BranchID, k.TreeID)
-}
-
 // FindRound returns a round. ENOTFOUND.
 func (s *Store) FindRound(ctx context.Context, key branchkey.RoundKey) (*branchkey.Round, error) {
 	var r *branchkey.Round
@@ -39,19 +33,19 @@ func (s *Store) FindRound(ctx context.Context, key branchkey.RoundKey) (*branchk
 		r, err = findRound(ctx, q, key)
 		return err
 	})
-	return r, wrap(err, "find %s", describeRound(key))
+	return r, wrap(err, "find %s", key.String())
 }
 
 func findRound(ctx context.Context, q querier, key branchkey.RoundKey) (*branchkey.Round, error) {
 	if !storable(key.TreeID, key.BranchID) {
-		return nil, branchkey.Errorf(branchkey.ENOTFOUND, "%s not found", describeRound(key))
+		return nil, branchkey.Errorf(branchkey.ENOTFOUND, "%s not found", key.String())
 	}
 	rs, err := listRounds(ctx, q, roundKeyWhere, key.TreeID, key.BranchID, key.Run, key.Round)
 	if err != nil {
 		return nil, err
 	}
 	if len(rs) == 0 {
-		return nil, branchkey.Errorf(branchkey.ENOTFOUND, "%s not found", describeRound(key))
+		return nil, branchkey.Errorf(branchkey.ENOTFOUND, "%s not found", key.String())
 	}
 	return rs[0], nil
 }
@@ -116,13 +110,13 @@ func (s *Store) CloseRound(ctx context.Context, key branchkey.RoundKey, trigger 
 			return err
 		}
 		if b.RunNumber != key.Run || b.Round != key.Round {
-			return branchkey.Errorf(branchkey.ECONFLICT, "%s is not the branch's current round (run %d, round %d)", describeRound(key), b.RunNumber, b.Round)
+			return branchkey.Errorf(branchkey.ECONFLICT, "%s is not the branch's current round (run %d, round %d)", key.String(), b.RunNumber, b.Round)
 		}
 		if r, err = findRound(ctx, tx, key); err != nil {
 			return err
 		}
 		if r.Status != branchkey.RoundOpen {
-			return branchkey.Errorf(branchkey.ECONFLICT, "%s is %s, not open", describeRound(key), r.Status)
+			return branchkey.Errorf(branchkey.ECONFLICT, "%s is %s, not open", key.String(), r.Status)
 		}
 		ups, err := roundUpdates(ctx, tx, key)
 		if err != nil {
@@ -137,7 +131,7 @@ func (s *Store) CloseRound(ctx context.Context, key branchkey.RoundKey, trigger 
 			if inputs, err = pick(ups); err != nil {
 				return &callbackError{err}
 			}
-			if err := checkInputs(key, ups, inputs); err != nil {
+			if err := branchkey.CheckInputs(key, ups, inputs); err != nil {
 				return err
 			}
 		}
@@ -148,7 +142,7 @@ func (s *Store) CloseRound(ctx context.Context, key branchkey.RoundKey, trigger 
 			return err
 		}
 		if tag.RowsAffected() != 1 {
-			return branchkey.Errorf(branchkey.ECONFLICT, "%s is no longer open", describeRound(key))
+			return branchkey.Errorf(branchkey.ECONFLICT, "%s is no longer open", key.String())
 		}
 		if _, err := tx.Exec(ctx, "UPDATE branches SET round = round + 1 WHERE tree_id = $1 AND id = $2",
 			key.TreeID, key.BranchID); err != nil {
@@ -163,28 +157,9 @@ func (s *Store) CloseRound(ctx context.Context, key branchkey.RoundKey, trigger 
 		return err
 	})
 	if err != nil {
-		return nil, wrap(err, "close %s", describeRound(key))
+		return nil, wrap(err, "close %s", key.String())
 	}
 	return r, nil
-}
-
-// checkInputs makes sure inputs are distinct updates of the round.
-func checkInputs(key branchkey.RoundKey, ups []*branchkey.Update, inputs []string) error {
-	in := make(map[string]bool, len(ups))
-	for _, u := range ups {
-		in[u.ID] = true
-	}
-	seen := make(map[string]bool, len(inputs))
-	for _, id := range inputs {
-		if !in[id] {
-			return branchkey.Errorf(branchkey.EINVALID, "update %q is not a current update of %s", id, describeRound(key))
-		}
-		if seen[id] {
-			return branchkey.Errorf(branchkey.EINVALID, "update %q is picked twice for %s", id, describeRound(key))
-		}
-		seen[id] = true
-	}
-	return nil
 }
 
 // ClaimRound gives owner the right to aggregate a closed round until until,
@@ -209,7 +184,7 @@ func (s *Store) ClaimRound(ctx context.Context, key branchkey.RoundKey, owner st
 	err := s.write(ctx, func(tx pgx.Tx) error {
 		if _, err := findBranch(ctx, tx, key.TreeID, key.BranchID, "FOR KEY SHARE"); err != nil {
 			if branchkey.ErrorCode(err) == branchkey.ENOTFOUND {
-				return branchkey.Errorf(branchkey.ENOTFOUND, "%s not found", describeRound(key))
+				return branchkey.Errorf(branchkey.ENOTFOUND, "%s not found", key.String())
 			}
 			return err
 		}
@@ -227,12 +202,12 @@ func (s *Store) ClaimRound(ctx context.Context, key branchkey.RoundKey, owner st
 			return nil
 		}
 		if r.Status != branchkey.RoundClosed {
-			return branchkey.Errorf(branchkey.ECONFLICT, "%s is %s, not closed", describeRound(key), r.Status)
+			return branchkey.Errorf(branchkey.ECONFLICT, "%s is %s, not closed", key.String(), r.Status)
 		}
-		return branchkey.Errorf(branchkey.ECONFLICT, "%s is claimed by %q until %s", describeRound(key), r.ClaimOwner, r.ClaimUntil.Format(time.RFC3339Nano))
+		return branchkey.Errorf(branchkey.ECONFLICT, "%s is claimed by %q until %s", key.String(), r.ClaimOwner, r.ClaimUntil.Format(time.RFC3339Nano))
 	})
 	if err != nil {
-		return nil, wrap(err, "claim %s for %s", describeRound(key), owner)
+		return nil, wrap(err, "claim %s for %s", key.String(), owner)
 	}
 	return r, nil
 }
@@ -256,7 +231,7 @@ func (s *Store) PendingRounds(ctx context.Context, now time.Time) ([]*branchkey.
 func claimed(ctx context.Context, tx pgx.Tx, key branchkey.RoundKey, owner string) error {
 	if _, err := findBranch(ctx, tx, key.TreeID, key.BranchID, "FOR KEY SHARE"); err != nil {
 		if branchkey.ErrorCode(err) == branchkey.ENOTFOUND {
-			return branchkey.Errorf(branchkey.ENOTFOUND, "%s not found", describeRound(key))
+			return branchkey.Errorf(branchkey.ENOTFOUND, "%s not found", key.String())
 		}
 		return err
 	}
@@ -269,10 +244,10 @@ func claimed(ctx context.Context, tx pgx.Tx, key branchkey.RoundKey, owner strin
 		return err
 	}
 	if r.Status != branchkey.RoundClosed {
-		return branchkey.Errorf(branchkey.ECONFLICT, "%s is %s, not closed", describeRound(key), r.Status)
+		return branchkey.Errorf(branchkey.ECONFLICT, "%s is %s, not closed", key.String(), r.Status)
 	}
 	if owner == "" || r.ClaimOwner != owner {
-		return branchkey.Errorf(branchkey.ECONFLICT, "%s is not claimed by %q (claim owner %q)", describeRound(key), owner, r.ClaimOwner)
+		return branchkey.Errorf(branchkey.ECONFLICT, "%s is not claimed by %q (claim owner %q)", key.String(), owner, r.ClaimOwner)
 	}
 	return nil
 }
@@ -321,7 +296,7 @@ func (s *Store) FinishRound(ctx context.Context, a *branchkey.Aggregation, owner
 		return s.insertMessages(ctx, tx, msgs)
 	})
 	if err != nil {
-		return wrap(err, "finish %s", describeRound(key))
+		return wrap(err, "finish %s", key.String())
 	}
 	*a = na
 	return nil
@@ -350,5 +325,5 @@ func (s *Store) FailRound(ctx context.Context, key branchkey.RoundKey, owner, re
 			reason, key.TreeID, key.BranchID, key.Run, key.Round)
 		return err
 	})
-	return wrap(err, "fail %s", describeRound(key))
+	return wrap(err, "fail %s", key.String())
 }

@@ -55,7 +55,7 @@ func (s *Store) PutUpdate(ctx context.Context, u *branchkey.Update, check func(*
 		if nu.IdempotencyKey != "" {
 			prev, err := findUpdateByKey(ctx, tx, nu.LeafID, nu.IdempotencyKey)
 			if err == nil {
-				r, err := findRound(ctx, tx, roundOf(prev))
+				r, err := findRound(ctx, tx, prev.RoundKey())
 				if err != nil {
 					return err
 				}
@@ -82,7 +82,7 @@ func (s *Store) PutUpdate(ctx context.Context, u *branchkey.Update, check func(*
 			return branchkey.Errorf(branchkey.ECONFLICT, "update %q already exists", nu.ID)
 		}
 
-		key := currentRound(b)
+		key := b.CurrentRound()
 		if err := openRound(ctx, tx, key); err != nil {
 			return err
 		}
@@ -91,7 +91,7 @@ func (s *Store) PutUpdate(ctx context.Context, u *branchkey.Update, check func(*
 			return err
 		}
 		if r.Status != branchkey.RoundOpen {
-			return branchkey.Errorf(branchkey.ECONFLICT, "%s is %s, not open", describeRound(key), r.Status)
+			return branchkey.Errorf(branchkey.ECONFLICT, "%s is %s, not open", key.String(), r.Status)
 		}
 		if check != nil {
 			if err := check(r); err != nil {
@@ -143,11 +143,6 @@ func (s *Store) PutUpdate(ctx context.Context, u *branchkey.Update, check func(*
 	return res, nil
 }
 
-// roundOf is the key of the round an update belongs to.
-func roundOf(u *branchkey.Update) branchkey.RoundKey {
-	return branchkey.RoundKey{TreeID: u.TreeID, BranchID: u.BranchID, Run: u.Run, Round: u.Round}
-}
-
 // FindUpdate returns an update. ENOTFOUND.
 func (s *Store) FindUpdate(ctx context.Context, id string) (*branchkey.Update, error) {
 	var us []*branchkey.Update
@@ -197,7 +192,7 @@ func (s *Store) RoundUpdates(ctx context.Context, key branchkey.RoundKey) ([]*br
 		us, err = roundUpdates(ctx, q, key)
 		return err
 	})
-	return us, wrap(err, "list updates of %s", describeRound(key))
+	return us, wrap(err, "list updates of %s", key.String())
 }
 
 func roundUpdates(ctx context.Context, q querier, key branchkey.RoundKey) ([]*branchkey.Update, error) {

@@ -288,7 +288,7 @@ func (s *Service) ListAggregations(ctx context.Context, treeID, branchID string)
 // CurrentRound returns a branch's open round (a round with no update yet is
 // reported as such, not as missing).
 func (s *Service) CurrentRound(ctx context.Context, b *branchkey.Branch) (*branchkey.Round, error) {
-	key := branchkey.RoundKey{TreeID: b.TreeID, BranchID: b.ID, Run: b.RunNumber, Round: b.Round}
+	key := b.CurrentRound()
 	r, err := s.store.FindRound(ctx, key)
 	if isCode(err, branchkey.ENOTFOUND) {
 		return &branchkey.Round{RoundKey: key, Status: branchkey.RoundOpen}, nil

@@ -174,7 +174,7 @@ func (up *Upload) Record(ctx context.Context, metadata, idempotencyKey string) (
 		s.deleteBlobs(ctx, []string{u.BlobKey})
 		return res.Existing, nil
 	}
-	key := branchkey.RoundKey{TreeID: u.TreeID, BranchID: u.BranchID, Run: u.Run, Round: u.Round}
+	key := u.RoundKey()
 	if res.Replaced != nil {
 		s.mu.Lock()
 		if a := s.accs[key]; a != nil {

@@ -3,7 +3,6 @@ package sqlite
 import (
 	"context"
 	"database/sql"
-	"fmt"
 	"time"
 
 	"github.com/branchkey/branchkey"
@@ -22,15 +21,10 @@ const roundSelect = `SELECT r.tree_id, r.branch_id, r.run, r.round, r.status, r.
 // roundKeyWhere selects one round by key.
 const roundKeyWhere = "WHERE r.tree_id = ? AND r.branch_id = ? AND r.run = ? AND r.round = ?"
 
-// describeRound names a round in messages.
-func describeRound(k branchkey.RoundKey) string {
-	return fmt.Sprintf("round %d of run %d of branch %q of tree %q", k.Round, k.Run, k.BranchID, k.TreeID)
-}
-
 // FindRound returns a round. ENOTFOUND.
 func (s *Store) FindRound(ctx context.Context, key branchkey.RoundKey) (*branchkey.Round, error) {
 	r, err := findRound(ctx, s.rdb, key)
-	return r, wrap(err, "find %s", describeRound(key))
+	return r, wrap(err, "find %s", key.String())
 }
 
 func findRound(ctx context.Context, q querier, key branchkey.RoundKey) (*branchkey.Round, error) {
@@ -39,7 +33,7 @@ func findRound(ctx context.Context, q querier, key branchkey.RoundKey) (*branchk
 		return nil, err
 	}
 	if len(rs) == 0 {
-		return nil, branchkey.Errorf(branchkey.ENOTFOUND, "%s not found", describeRound(key))
+		return nil, branchkey.Errorf(branchkey.ENOTFOUND, "%s not found", key.String())
 	}
 	return rs[0], nil
 }
@@ -101,13 +95,13 @@ func (s *Store) CloseRound(ctx context.Context, key branchkey.RoundKey, trigger 
 			return err
 		}
 		if b.RunNumber != key.Run || b.Round != key.Round {
-			return branchkey.Errorf(branchkey.ECONFLICT, "%s is not the branch's current round (run %d, round %d)", describeRound(key), b.RunNumber, b.Round)
+			return branchkey.Errorf(branchkey.ECONFLICT, "%s is not the branch's current round (run %d, round %d)", key.String(), b.RunNumber, b.Round)
 		}
 		if r, err = findRound(ctx, tx, key); err != nil {
 			return err
 		}
 		if r.Status != branchkey.RoundOpen {
-			return branchkey.Errorf(branchkey.ECONFLICT, "%s is %s, not open", describeRound(key), r.Status)
+			return branchkey.Errorf(branchkey.ECONFLICT, "%s is %s, not open", key.String(), r.Status)
 		}
 		ups, err := roundUpdates(ctx, tx, key)
 		if err != nil {
@@ -122,7 +116,7 @@ func (s *Store) CloseRound(ctx context.Context, key branchkey.RoundKey, trigger 
 			if inputs, err = pick(ups); err != nil {
 				return &callbackError{err}
 			}
-			if err := checkInputs(key, ups, inputs); err != nil {
+			if err := branchkey.CheckInputs(key, ups, inputs); err != nil {
 				return err
 			}
 		}
@@ -148,28 +142,9 @@ func (s *Store) CloseRound(ctx context.Context, key branchkey.RoundKey, trigger 
 		return err
 	})
 	if err != nil {
-		return nil, wrap(err, "close %s", describeRound(key))
+		return nil, wrap(err, "close %s", key.String())
 	}
 	return r, nil
-}
-
-// checkInputs makes sure inputs are distinct updates of the round.
-func checkInputs(key branchkey.RoundKey, ups []*branchkey.Update, inputs []string) error {
-	in := make(map[string]bool, len(ups))
-	for _, u := range ups {
-		in[u.ID] = true
-	}
-	seen := make(map[string]bool, len(inputs))
-	for _, id := range inputs {
-		if !in[id] {
-			return branchkey.Errorf(branchkey.EINVALID, "update %q is not a current update of %s", id, describeRound(key))
-		}
-		if seen[id] {
-			return branchkey.Errorf(branchkey.EINVALID, "update %q is picked twice for %s", id, describeRound(key))
-		}
-		seen[id] = true
-	}
-	return nil
 }
 
 // ClaimRound gives owner the right to aggregate a closed round until until,
@@ -187,10 +162,10 @@ func (s *Store) ClaimRound(ctx context.Context, key branchkey.RoundKey, owner st
 			return err
 		}
 		if r.Status != branchkey.RoundClosed {
-			return branchkey.Errorf(branchkey.ECONFLICT, "%s is %s, not closed", describeRound(key), r.Status)
+			return branchkey.Errorf(branchkey.ECONFLICT, "%s is %s, not closed", key.String(), r.Status)
 		}
 		if r.ClaimOwner != "" && r.ClaimOwner != owner && r.ClaimUntil.After(now) {
-			return branchkey.Errorf(branchkey.ECONFLICT, "%s is claimed by %q until %s", describeRound(key), r.ClaimOwner, r.ClaimUntil.Format(time.RFC3339Nano))
+			return branchkey.Errorf(branchkey.ECONFLICT, "%s is claimed by %q until %s", key.String(), r.ClaimOwner, r.ClaimUntil.Format(time.RFC3339Nano))
 		}
 		if _, err := tx.ExecContext(ctx, `UPDATE rounds SET claim_owner = ?, claim_until = ?
 			WHERE tree_id = ? AND branch_id = ? AND run = ? AND round = ?`,
@@ -201,7 +176,7 @@ func (s *Store) ClaimRound(ctx context.Context, key branchkey.RoundKey, owner st
 		return err
 	})
 	if err != nil {
-		return nil, wrap(err, "claim %s for %s", describeRound(key), owner)
+		return nil, wrap(err, "claim %s for %s", key.String(), owner)
 	}
 	return r, nil
 }
@@ -223,10 +198,10 @@ func claimed(ctx context.Context, tx *sql.Tx, key branchkey.RoundKey, owner stri
 		return err
 	}
 	if r.Status != branchkey.RoundClosed {
-		return branchkey.Errorf(branchkey.ECONFLICT, "%s is %s, not closed", describeRound(key), r.Status)
+		return branchkey.Errorf(branchkey.ECONFLICT, "%s is %s, not closed", key.String(), r.Status)
 	}
 	if owner == "" || r.ClaimOwner != owner {
-		return branchkey.Errorf(branchkey.ECONFLICT, "%s is not claimed by %q (claim owner %q)", describeRound(key), owner, r.ClaimOwner)
+		return branchkey.Errorf(branchkey.ECONFLICT, "%s is not claimed by %q (claim owner %q)", key.String(), owner, r.ClaimOwner)
 	}
 	return nil
 }
@@ -269,7 +244,7 @@ func (s *Store) FinishRound(ctx context.Context, a *branchkey.Aggregation, owner
 		return nil
 	})
 	if err != nil {
-		return wrap(err, "finish %s", describeRound(key))
+		return wrap(err, "finish %s", key.String())
 	}
 	*a = na
 	return nil
@@ -287,5 +262,5 @@ func (s *Store) FailRound(ctx context.Context, key branchkey.RoundKey, owner, re
 			reason, key.TreeID, key.BranchID, key.Run, key.Round)
 		return err
 	})
-	return wrap(err, "fail %s", describeRound(key))
+	return wrap(err, "fail %s", key.String())
 }

@@ -174,7 +174,7 @@ func (s *Store) CreateBranch(ctx context.Context, b *branchkey.Branch) error {
 			return err
 		}
 		if nb.RunStatus == branchkey.RunStarted {
-			return openRound(ctx, tx, currentRound(&nb))
+			return openRound(ctx, tx, nb.CurrentRound())
 		}
 		return nil
 	})
@@ -183,11 +183,6 @@ func (s *Store) CreateBranch(ctx context.Context, b *branchkey.Branch) error {
 	}
 	*b = nb
 	return nil
-}
-
-// currentRound is the key of the branch's current round.
-func currentRound(b *branchkey.Branch) branchkey.RoundKey {
-	return branchkey.RoundKey{TreeID: b.TreeID, BranchID: b.ID, Run: b.RunNumber, Round: b.Round}
 }
 
 // openRound creates the open round key unless it exists.
@@ -302,7 +297,7 @@ func (s *Store) SetRunStatus(ctx context.Context, treeID, id string, status bran
 				b.RunNumber++
 				b.Round = 1
 			}
-			if err := openRound(ctx, tx, currentRound(b)); err != nil {
+			if err := openRound(ctx, tx, b.CurrentRound()); err != nil {
 				return err
 			}
 		case branchkey.RunStopped:

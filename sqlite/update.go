@@ -39,7 +39,7 @@ func (s *Store) PutUpdate(ctx context.Context, u *branchkey.Update, check func(*
 		if nu.IdempotencyKey != "" {
 			prev, err := findUpdateByKey(ctx, tx, nu.LeafID, nu.IdempotencyKey)
 			if err == nil {
-				r, err := findRound(ctx, tx, roundOf(prev))
+				r, err := findRound(ctx, tx, prev.RoundKey())
 				if err != nil {
 					return err
 				}
@@ -70,7 +70,7 @@ func (s *Store) PutUpdate(ctx context.Context, u *branchkey.Update, check func(*
 			return branchkey.Errorf(branchkey.ECONFLICT, "update %q already exists", nu.ID)
 		}
 
-		key := currentRound(b)
+		key := b.CurrentRound()
 		if err := openRound(ctx, tx, key); err != nil {
 			return err
 		}
@@ -79,7 +79,7 @@ func (s *Store) PutUpdate(ctx context.Context, u *branchkey.Update, check func(*
 			return err
 		}
 		if r.Status != branchkey.RoundOpen {
-			return branchkey.Errorf(branchkey.ECONFLICT, "%s is %s, not open", describeRound(key), r.Status)
+			return branchkey.Errorf(branchkey.ECONFLICT, "%s is %s, not open", key.String(), r.Status)
 		}
 		if check != nil {
 			if err := check(r); err != nil {
@@ -128,11 +128,6 @@ func (s *Store) PutUpdate(ctx context.Context, u *branchkey.Update, check func(*
 	return res, nil
 }
 
-// roundOf is the key of the round an update belongs to.
-func roundOf(u *branchkey.Update) branchkey.RoundKey {
-	return branchkey.RoundKey{TreeID: u.TreeID, BranchID: u.BranchID, Run: u.Run, Round: u.Round}
-}
-
 // FindUpdate returns an update. ENOTFOUND.
 func (s *Store) FindUpdate(ctx context.Context, id string) (*branchkey.Update, error) {
 	us, err := listUpdates(ctx, s.rdb, "WHERE id = ?", id)
@@ -168,7 +163,7 @@ func findUpdateByKey(ctx context.Context, q querier, leafID, key string) (*branc
 // RoundUpdates returns the round's current (not superseded) updates, by id.
 func (s *Store) RoundUpdates(ctx context.Context, key branchkey.RoundKey) ([]*branchkey.Update, error) {
 	us, err := roundUpdates(ctx, s.rdb, key)
-	return us, wrap(err, "list updates of %s", describeRound(key))
+	return us, wrap(err, "list updates of %s", key.String())
 }
 
 func roundUpdates(ctx context.Context, q querier, key branchkey.RoundKey) ([]*branchkey.Update, error) {
