@@ -15,7 +15,6 @@ import (
 	"context"
 	"crypto/rand"
 	"encoding/hex"
-	"errors"
 	"fmt"
 	"log/slog"
 	"os"
@@ -191,8 +190,8 @@ func randomHex(n int) string {
 	return hex.EncodeToString(b)
 }
 
-// isCode reports whether err carries the domain error code.
+// isCode reports whether err carries the domain error code (never true
+// for EINTERNAL, which any error that is not a domain error maps to).
 func isCode(err error, code string) bool {
-	var e *branchkey.Error
-	return errors.As(err, &e) && e.Code == code
+	return code != branchkey.EINTERNAL && branchkey.ErrorCode(err) == code
 }
